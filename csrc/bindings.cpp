@@ -1,0 +1,102 @@
+// The only PYBIND11_MODULE. Tensors arrive as TensorView tuples built by tinyserve/ops; this file
+// converts them, dispatches on device and releases the GIL around every kernel call.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "ops.h"
+
+namespace py = pybind11;
+
+namespace pybind11::detail {
+
+// A TensorView comes from Python as (data_ptr, dtype_code, shape, strides, device_index).
+template <>
+struct type_caster<tinyserve::TensorView> {
+  PYBIND11_TYPE_CASTER(tinyserve::TensorView, const_name("TensorView"));
+
+  bool load(handle src, bool) {
+    if (!PyTuple_Check(src.ptr()) || PyTuple_GET_SIZE(src.ptr()) != 5) return false;
+    PyObject* t = src.ptr();
+    value.data = PyLong_AsVoidPtr(PyTuple_GET_ITEM(t, 0));
+    value.dtype = static_cast<tinyserve::DType>(PyLong_AsLong(PyTuple_GET_ITEM(t, 1)));
+    PyObject* shape = PyTuple_GET_ITEM(t, 2);
+    PyObject* strides = PyTuple_GET_ITEM(t, 3);
+    if (!PyTuple_Check(shape) || !PyTuple_Check(strides)) return false;
+    Py_ssize_t ndim = PyTuple_GET_SIZE(shape);
+    if (ndim > tinyserve::kMaxDims || PyTuple_GET_SIZE(strides) != ndim) return false;
+    value.ndim = static_cast<int32_t>(ndim);
+    for (Py_ssize_t i = 0; i < ndim; ++i) {
+      value.shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
+      value.strides[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides, i));
+    }
+    value.device = static_cast<int32_t>(PyLong_AsLong(PyTuple_GET_ITEM(t, 4)));
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    return true;
+  }
+
+  static handle cast(const tinyserve::TensorView&, return_value_policy, handle) {
+    throw cast_error("TensorView cannot be returned to Python");
+  }
+};
+
+}  // namespace pybind11::detail
+
+namespace {
+
+using tinyserve::TensorView;
+
+[[noreturn]] void no_cuda(const char* op) {
+  throw std::invalid_argument(std::string(op) +
+                              ": got CUDA tensors, but tinyserve._C was built without CUDA "
+                              "(rebuild with TINYSERVE_CUDA=ON where nvcc is installed)");
+}
+
+void matmul(const TensorView& a, const TensorView& b, const TensorView& c, uintptr_t stream) {
+  if (c.is_cuda()) {
+#ifdef TINYSERVE_WITH_CUDA
+    tinyserve::cuda::matmul(a, b, c, stream);
+#else
+    no_cuda("matmul");
+#endif
+  } else {
+    tinyserve::cpu::matmul(a, b, c);
+  }
+}
+
+py::dict build_info() {
+  py::dict info;
+#ifdef TINYSERVE_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = std::string(TINYSERVE_CUDA_VERSION);
+  info["cuda_architectures"] = std::string(TINYSERVE_CUDA_ARCHS);
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = py::none();
+  info["cuda_architectures"] = py::none();
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+  info["openmp_version"] = static_cast<int>(_OPENMP);
+#else
+  info["openmp"] = false;
+  info["openmp_version"] = py::none();
+#endif
+  info["compiler"] = std::string(TINYSERVE_CXX_COMPILER);
+  info["cpu_flags"] = std::string(TINYSERVE_CPU_FLAGS);
+  info["build_type"] = std::string(TINYSERVE_BUILD_TYPE);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "TinyServe native kernels (CPU twins always; CUDA when built with it).";
+  m.def("build_info", &build_info, "What was compiled: CUDA on/off, version, architectures, OpenMP, compiler.");
+  m.def("matmul", &matmul, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,27 @@
+"""The one binding layer between Python and the native kernels in tinyserve._C.
+
+Every op checks dtype, device, shape and contiguity here, with errors that say what was wrong and
+what is allowed, then hands C++ non-owning views (pointer, dtype, shape, strides, device) and the
+current CUDA stream. Nothing outside this package imports tinyserve._C.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .matmul import matmul
+
+
+def build_info() -> dict[str, Any]:
+    """What the native extension was compiled with (CUDA on/off, version, architectures, OpenMP)."""
+    from tinyserve import _C
+
+    return _C.build_info()
+
+
+def cuda_kernels_available() -> bool:
+    """True when tinyserve._C holds CUDA kernels (it may still be run on a machine without a GPU)."""
+    return bool(build_info()["cuda"])
+
+
+__all__ = ["build_info", "cuda_kernels_available", "matmul"]
