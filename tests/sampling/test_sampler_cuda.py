@@ -1,0 +1,79 @@
+"""On a GPU: building the metadata and sampling never sync with the host (only to_host does)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinyserve.sampling import RequestSamplingState, Sampler, SamplingMetadata, make_generator
+from tinyserve.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+VOCAB = 151_936  # Qwen's vocabulary: the size the sampler meets in practice
+
+
+def mixed_batch(num_seqs: int) -> tuple[list[SamplingParams], list[RequestSamplingState]]:
+    params, states = [], []
+    for i in range(num_seqs):
+        kind = i % 5
+        p = [
+            SamplingParams(temperature=0.0, logprobs=5),
+            SamplingParams(temperature=0.8, top_k=50, seed=i),
+            SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05, repetition_penalty=1.2, min_tokens=4),
+            SamplingParams(temperature=0.7, presence_penalty=0.5, frequency_penalty=0.3, logprobs=2),
+            SamplingParams(temperature=1.1, top_k=20, top_p=0.95, seed=1000 + i),
+        ][kind]
+        gen = make_generator(p.seed, "cuda") if p.seed is not None else None
+        params.append(p)
+        states.append(
+            RequestSamplingState(list(range(i, i + 40)), list(range(3 * i, 3 * i + 2 + i % 7)), gen)
+        )
+    return params, states
+
+
+@pytest.mark.parametrize("all_greedy", [False, True])
+def test_no_host_sync_inside_the_sampler(all_greedy: bool) -> None:
+    params, states = mixed_batch(64)
+    if all_greedy:
+        params = [SamplingParams(temperature=0.0) for _ in params]
+    logits = torch.randn(64, VOCAB, device="cuda", dtype=torch.bfloat16)
+    sampler = Sampler()
+    sampler(
+        logits, SamplingMetadata.build(params, states, vocab_size=VOCAB, device="cuda", eos_token_ids=[2])
+    )
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        md = SamplingMetadata.build(params, states, vocab_size=VOCAB, device="cuda", eos_token_ids=[2])
+        out = sampler(logits, md)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    host = out.to_host()
+    assert len(host.sampled_token_ids) == 64 and all(0 <= t < VOCAB for t in host.sampled_token_ids)
+    if not all_greedy:
+        assert host.logprobs is not None and len(host.logprobs.token_ids[0]) == 6
+
+
+def test_benchmark_step_time() -> None:
+    """Not asserted: prints the time of one build + sample step of 256 rows (CUDA events)."""
+    params, states = mixed_batch(256)
+    logits = torch.randn(256, VOCAB, device="cuda", dtype=torch.bfloat16)
+    sampler = Sampler()
+    configs = {
+        "all greedy": ([SamplingParams(temperature=0.0)] * 256, [RequestSamplingState()] * 256),
+        "random, top-k/p": ([SamplingParams(top_k=50, top_p=0.9)] * 256, [RequestSamplingState()] * 256),
+        "mixed (penalties, seeds, logprobs)": (params, states),
+    }
+    for name, (ps, ss) in configs.items():
+        for _ in range(3):
+            sampler(logits, SamplingMetadata.build(ps, ss, vocab_size=VOCAB, device="cuda")).to_host()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            sampler(logits, SamplingMetadata.build(ps, ss, vocab_size=VOCAB, device="cuda")).to_host()
+        end.record()
+        end.synchronize()
+        print(
+            f"{torch.cuda.get_device_name()} 256 x {VOCAB} {name}: {start.elapsed_time(end) / 10:.3f} ms/step"
+        )
