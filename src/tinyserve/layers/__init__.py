@@ -1,0 +1,1 @@
+"""Building blocks of the transformer models: paged attention, linear, norm, rotary, activation."""

@@ -1,0 +1,61 @@
+"""Dense projections: a plain linear layer and a fused one holding several projections of the same
+input (q/k/v, gate/up) in one weight, so each runs as one matrix product."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    """y = x @ weight.T (+ bias). weight [output_size, input_size], bias [output_size] (HF layout)."""
+
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, dtype: torch.dtype | None = None
+    ):
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        # NOTE: torch.empty: the loader (or dummy init) writes every element before first use.
+        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(output_size, dtype=dtype)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [num_tokens, input_size] -> [num_tokens, output_size]."""
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"
+
+
+class MergedLinear(Linear):
+    """Several projections of one input stacked along the output dim: weight = cat(W_0, W_1, ...).
+
+    The loader writes checkpoint tensor i into `shard(param, i)`; `split(y)` cuts the output back into
+    per-projection views.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: Sequence[int],
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__(input_size, sum(output_sizes), bias, dtype)
+        self.output_sizes = tuple(output_sizes)
+        self.offsets = tuple(sum(self.output_sizes[:i]) for i in range(len(self.output_sizes)))
+
+    def shard(self, param: torch.Tensor, index: int) -> torch.Tensor:
+        """The rows of `param` (this layer's weight or bias) that hold projection `index` (a view)."""
+        return param.narrow(0, self.offsets[index], self.output_sizes[index])
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """y [num_tokens, sum(output_sizes)] -> one view [num_tokens, output_sizes[i]] per projection."""
+        return y.split(self.output_sizes, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, outs={self.output_sizes}, bias={self.bias is not None}"

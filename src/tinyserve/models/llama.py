@@ -1,0 +1,181 @@
+"""The Llama family in one implementation: Llama 2/3/3.x, Mistral, Qwen2/2.5 (q/k/v bias) and Qwen3
+(per-head RMSNorm on q and k), switched by `ModelArchConfig`.
+
+Forward contract (flat batch, no padding dims):
+    hidden = model(input_ids [num_tokens], positions [num_tokens], attn_metadata)  # [num_tokens, hidden_size]
+    logits = model.compute_logits(hidden, logits_indices [n])                       # [n, vocab_size] float32
+The forward never reads device values on the host, so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from tinyserve.layers.activation import SiluAndMul
+from tinyserve.layers.attention import Attention, AttentionMetadata
+from tinyserve.layers.embedding import LMHead, VocabEmbedding
+from tinyserve.layers.linear import Linear, MergedLinear
+from tinyserve.layers.norm import RMSNorm
+from tinyserve.layers.rotary import RotaryEmbedding, apply_rotary
+
+from .config import ModelArchConfig
+
+RopeCosSin = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [num_tokens, 1, rotary_dim // 2]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.qkv_proj = MergedLinear(
+            cfg.hidden_size, [cfg.q_size, cfg.kv_size, cfg.kv_size], cfg.qkv_bias, dtype
+        )
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, cfg.o_bias, dtype)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, scale=cfg.head_dim**-0.5)
+
+    def forward(self, hidden: torch.Tensor, rope: RopeCosSin, md: AttentionMetadata) -> torch.Tensor:
+        """hidden [num_tokens, hidden_size] -> [num_tokens, hidden_size]."""
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        if self.q_norm is not None and self.k_norm is not None:  # Qwen3: RMSNorm per head, before RoPE
+            q = self.q_norm.normalize(q)
+            k = self.k_norm.normalize(k)
+        q = apply_rotary(q, *rope)
+        k = apply_rotary(k, *rope)
+        out = self.attn(q, k, v, md)  # [num_tokens, num_heads * head_dim]
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one product."""
+
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(
+            cfg.hidden_size, [cfg.intermediate_size, cfg.intermediate_size], cfg.mlp_bias, dtype
+        )
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, dtype)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))  # [num_tokens, hidden_size]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(cfg, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(cfg, dtype)
+
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeCosSin, md: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) -> (hidden, residual); their sum is the layer's output stream."""
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, rope, md)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.rotary_emb = RotaryEmbedding(
+            cfg.head_dim, cfg.rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, dtype
+        )
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, dtype) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        rope = self.rotary_emb.cos_sin(positions)  # gathered once, used by every layer
+        residual: torch.Tensor | None = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, rope, md)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """A decoder-only Llama-family LM over a paged KV cache.
+
+    Build it under `torch.device(...)` with the target dtype; the loader fills the weights.
+    """
+
+    # Fused parameters and the checkpoint projections they hold, in shard order.
+    packed_modules: dict[str, tuple[str, ...]] = {
+        "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+        "gate_up_proj": ("gate_proj", "up_proj"),
+    }
+
+    def __init__(self, arch_config: ModelArchConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.arch_config = arch_config
+        self.dtype = dtype
+        self.model = LlamaModel(arch_config, dtype)
+        tied = self.model.embed_tokens.weight if arch_config.tie_word_embeddings else None
+        self.lm_head = LMHead(arch_config.vocab_size, arch_config.hidden_size, dtype, tied_weight=tied)
+
+    # -- KV cache -------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.arch_config.num_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.arch_config.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.arch_config.head_dim
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
+        """Shape of each layer's key (and value) cache: [num_blocks, block_size, num_kv_heads, head_dim]."""
+        return (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    def bind_kv_caches(self, kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Give every layer its (key_cache, value_cache) pair; the layers keep references, no copies."""
+        if len(kv_caches) != self.num_layers:
+            raise ValueError(
+                f"need one (key_cache, value_cache) pair per layer: {self.num_layers}, got {len(kv_caches)}"
+            )
+        device = self.lm_head.weight.device
+        for i, (key_cache, value_cache) in enumerate(kv_caches):
+            for name, cache in (("key", key_cache), ("value", value_cache)):
+                if cache.dtype != self.dtype or cache.device != device:
+                    raise ValueError(
+                        f"layer {i} {name} cache is {cache.dtype} on {cache.device}; "
+                        f"the model runs {self.dtype} on {device}"
+                    )
+            layer = self.model.layers[i]
+            assert isinstance(layer, LlamaDecoderLayer)
+            layer.self_attn.attn.bind_kv_cache(key_cache, value_cache)
+
+    # -- forward --------------------------------------------------------------------------------------
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """input_ids, positions [num_tokens] (int64 or int32) -> hidden [num_tokens, hidden_size]."""
+        return self.model(input_ids, positions, attn_metadata)
+
+    def compute_logits(
+        self, hidden: torch.Tensor, logits_indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """hidden [num_tokens, hidden_size], logits_indices [n] -> logits [n, vocab_size] float32.
+
+        Only the rows that need logits (usually each sequence's last token) go through the LM head.
+        """
+        if logits_indices is not None:
+            hidden = hidden.index_select(0, logits_indices)
+        return self.lm_head(hidden)
