@@ -13,7 +13,14 @@ __version__ = "0.1.0"
 # Public names and the module each one lives in; resolved lazily by __getattr__.
 _LAZY = {
     "_C": "tinyserve._C",
+    "LLM": "tinyserve.engine.llm",
+    "SamplingParams": "tinyserve.sampling_params",
+    "RequestOutput": "tinyserve.engine.outputs",
+    "CompletionOutput": "tinyserve.engine.outputs",
+    "EngineConfig": "tinyserve.config",
 }
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig"]
 
 
 def __getattr__(name: str) -> Any:

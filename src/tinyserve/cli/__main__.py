@@ -1,0 +1,5 @@
+import sys
+
+from tinyserve.cli import main
+
+sys.exit(main())

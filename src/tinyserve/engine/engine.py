@@ -1,0 +1,448 @@
+"""Engine: one step = schedule -> execute -> update, plus the per-request output state around it
+(detokenisation, stop strings, logprobs, n > 1 fan-out).
+
+The engine is single-threaded: the offline `LLM` calls `step()` in a loop, the server calls it from
+one background thread (see `async_engine`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tinyserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from tinyserve.kv_cache import KVCacheManager, KVCacheStats
+from tinyserve.models.loader import load_model
+from tinyserve.request import Request, RequestStatus
+from tinyserve.runner import ModelRunner
+from tinyserve.sampling import RequestSamplingState, SamplingMetadata, make_generator
+from tinyserve.sampling_params import SamplingParams
+from tinyserve.scheduler import Scheduler
+from tinyserve.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
+
+from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+# Prompt tokens of left context when decoding a whole output at once (as the incremental decoder does).
+_DECODE_CONTEXT = 6
+
+
+class _Sample:
+    """Engine-side state of one sample (one scheduler Request) of a user request."""
+
+    __slots__ = (
+        "group", "index", "request", "params", "state", "detok", "stop", "logprobs",
+        "cumulative_logprob", "finish_reason", "stop_reason", "text",
+    )
+
+    def __init__(self, group: _Group, index: int, request: Request, params: SamplingParams, generator) -> None:
+        self.group = group
+        self.index = index
+        self.request = request
+        self.params = params
+        # NOTE: the state shares the request's live output list: the sampler sees every appended token.
+        self.state = RequestSamplingState(request.prompt_token_ids, request.output_token_ids, generator)
+        self.detok: IncrementalDetokenizer | None = None
+        self.stop: StopChecker | None = None
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.text = ""
+
+
+class _Group:
+    """A user request: its prompt and its n samples."""
+
+    __slots__ = ("request_id", "prompt", "prompt_token_ids", "samples", "stream", "metrics", "num_unfinished")
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], stream: bool) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.samples: list[_Sample] = []
+        self.stream = stream
+        self.metrics = RequestMetrics(arrival_time=time.monotonic())
+        self.num_unfinished = 0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for /metrics and logs."""
+
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    kv: KVCacheStats
+
+
+class Engine:
+    """Loads the model and tokenizer, sizes the KV pool, and runs steps.
+
+    Use `add_request`, then call `step()` until `has_unfinished_requests()` is False; each step
+    returns the RequestOutputs that changed (streaming requests) or finished.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        t0 = time.perf_counter()
+        torch.manual_seed(config.seed)
+        model, arch = load_model(
+            config.model,
+            device=config.device,
+            dtype=config.dtype,
+            load_format=config.load_format,
+            allow_pickle=config.allow_pickle,
+            revision=config.revision,
+            seed=config.seed,
+        )
+        self.arch = arch
+        self.device = next(model.parameters()).device
+        self.dtype = model.dtype
+        self.tokenizer: Tokenizer | None = None
+        if not config.skip_tokenizer_init:
+            tokenizer_path = config.tokenizer or model_dir_of(config.model, config.revision)
+            self.tokenizer = Tokenizer.from_pretrained(tokenizer_path, chat_template=config.chat_template)
+        self.max_model_len = resolve_max_model_len(config.max_model_len, arch.max_model_len)
+        tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else []
+        self.eos_token_ids = tuple(dict.fromkeys([*arch.eos_token_ids, *tokenizer_eos]))
+        max_num_batched_tokens = config.max_num_batched_tokens or max(8192, config.max_num_seqs)
+        load_s = time.perf_counter() - t0
+
+        self.runner = ModelRunner(
+            model,
+            block_size=config.block_size,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enforce_eager=config.enforce_eager,
+            eos_token_ids=self.eos_token_ids,
+        )
+        num_blocks = self.runner.determine_num_blocks(
+            num_kv_blocks=config.num_kv_blocks,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            kv_cache_memory_bytes=config.kv_cache_memory_bytes,
+        )
+        self.runner.allocate_kv_cache(num_blocks)
+        cache_config = CacheConfig(
+            block_size=config.block_size,
+            num_blocks=num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+        )
+        self.kv_cache = KVCacheManager(cache_config)
+        scheduler_config = SchedulerConfig(
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+        )
+        self.scheduler = Scheduler(scheduler_config, self.kv_cache, finish_check=self._finish_check)
+        graph_s = self.runner.capture_graphs()
+        self.startup_seconds = time.perf_counter() - t0
+        logger.info(
+            "engine ready: %s on %s (%s), KV pool %d blocks x %d = %d tokens; load %.2fs, graphs %.2fs",
+            config.model, self.device, str(self.dtype).removeprefix("torch."), num_blocks,
+            config.block_size, num_blocks * config.block_size, load_s, graph_s,
+        )
+        self._groups: dict[str, _Group] = {}
+        self._samples: dict[str, _Sample] = {}  # scheduler request id -> sample
+        self._ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.num_steps = 0  # steps that ran the model
+
+    # ---- properties ------------------------------------------------------------------------------
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.runner.num_blocks
+
+    @property
+    def kv_pool_tokens(self) -> int:
+        return self.runner.num_blocks * self.config.block_size
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            kv=self.kv_cache.stats(),
+        )
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def new_request_id(self) -> str:
+        return str(next(self._ids))
+
+    # ---- adding and aborting ---------------------------------------------------------------------
+    def validate_prompt(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> int:
+        """Check a prompt against the model; returns the effective max_tokens.
+
+        Raises ValueError naming what is wrong (empty prompt, ids outside the vocabulary, a prompt
+        or prompt + max_tokens longer than max_model_len, unsupported parameters)."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.arch.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or t < 0 or t >= vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab}); got {bad[:5]}")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens, but max_model_len is {self.max_model_len}: "
+                "it must be shorter to leave room for at least one generated token"
+            )
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported by this engine; leave it unset")
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
+        if n + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the request has "
+                f"{n} prompt tokens and max_tokens={max_tokens} ({n + max_tokens} in total); "
+                "shorten the prompt or lower max_tokens"
+            )
+        if self.tokenizer is None and params.stop_list:
+            raise ValueError("stop strings need a tokenizer; this engine runs without one (skip_tokenizer_init)")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"logprobs must be <= the vocabulary size ({vocab}), got {params.logprobs}")
+        return max_tokens
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        prompt: str | None = None,
+        stream: bool = False,
+    ) -> None:
+        """Queue a request (n samples). `stream`: produce a RequestOutput after every step with new
+        text (the server); otherwise only when the request finishes (LLM.generate)."""
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_ids = list(prompt_token_ids)
+        max_tokens = self.validate_prompt(prompt_ids, params)
+        stop_ids = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            stop_ids.update(self.eos_token_ids)
+        group = _Group(request_id, prompt, prompt_ids, stream)
+        samples = []
+        for i in range(params.n):
+            sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            request = Request(sub_id, prompt_ids, max_tokens, sampling_params=params, stop_token_ids=stop_ids)
+            generator = None
+            if params.seed is not None and not params.is_greedy:
+                generator = make_generator(params.seed + i, self.device)
+            sample = _Sample(group, i, request, params, generator)
+            if params.stop_list:
+                sample.stop = StopChecker(params.stop_list, params.include_stop_str_in_output)
+            if (stream or params.stop_list) and self.tokenizer is not None:
+                sample.detok = IncrementalDetokenizer(
+                    self.tokenizer, prompt_token_ids=prompt_ids, skip_special_tokens=params.skip_special_tokens
+                )
+            samples.append(sample)
+        # All-or-nothing: the scheduler may reject one (too large for the pool) before any is queued.
+        for sample in samples:
+            self.scheduler.check_size(sample.request)
+        for sample in samples:
+            self.scheduler.add_request(sample.request)
+            self._samples[sample.request.request_id] = sample
+        group.samples = samples
+        group.num_unfinished = len(samples)
+        self._groups[request_id] = group
+        self.prompt_tokens_total += len(prompt_ids)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort a user request (all its samples), freeing every KV block. False if unknown/finished."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return False
+        for sample in group.samples:
+            if self.scheduler.abort(sample.request.request_id):
+                sample.finish_reason = "abort"
+            self._samples.pop(sample.request.request_id, None)
+        return True
+
+    # ---- the step --------------------------------------------------------------------------------
+    def _finish_check(self, request: Request, token_id: int) -> RequestStatus | None:
+        if token_id in request.stop_token_ids:
+            # NOTE: the sampler masks stop ids until min_tokens; this guards the count as well.
+            if request.num_output_tokens > request.sampling_params.min_tokens:
+                return RequestStatus.FINISHED_STOPPED
+        return None
+
+    def step(self) -> list[RequestOutput]:
+        so = self.scheduler.schedule()
+        sampling = None
+        rows: list[int] = []
+        if not so.is_empty:
+            if so.num_tokens == so.num_seqs and all(so.do_sample):
+                rows = list(range(so.num_seqs))
+            else:
+                rows = [i for i, d in enumerate(so.do_sample) if d]
+            if rows:
+                samples = self._samples
+                req_ids = so.req_ids
+                picked = [samples[req_ids[i]] for i in rows]
+                sampling = SamplingMetadata.build(
+                    [s.params for s in picked],
+                    [s.state for s in picked],
+                    vocab_size=self.arch.vocab_size,
+                    device=self.device,
+                    eos_token_ids=self.eos_token_ids,
+                )
+        now = time.monotonic()
+        out = self.runner.execute(so, sampling)
+        self.num_steps += not so.is_empty
+        if so.is_empty or not rows:
+            return []
+        sampled: list[list[int]] = [[] for _ in range(so.num_seqs)]
+        for k, i in enumerate(rows):
+            sampled[i] = [out.sampled_token_ids[k]]
+        logprob_rows = {i: k for k, i in enumerate(rows)} if out.logprobs is not None else None
+        updated = self.scheduler.update(so, sampled)
+        self.generation_tokens_total += len(updated)
+        return self._process(updated, so, out, logprob_rows, now)
+
+    def _process(self, updated, so, out, logprob_rows, step_start: float) -> list[RequestOutput]:
+        now = time.monotonic()
+        touched: dict[str, _Group] = {}
+        index_of = None
+        for request in updated:
+            sample = self._samples.get(request.request_id)
+            if sample is None:
+                continue
+            group = sample.group
+            m = group.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+                m.first_scheduled_time = step_start
+                m.num_cached_tokens = max(request.num_cached_tokens, 0)
+            m.last_token_time = now
+            token_id = request.output_token_ids[-1]
+            if sample.logprobs is not None and logprob_rows is not None:
+                if index_of is None:
+                    index_of = {r: i for i, r in enumerate(so.req_ids)}
+                self._record_logprobs(sample, out.logprobs, logprob_rows[index_of[request.request_id]])
+            if sample.detok is not None:
+                delta = sample.detok.add_tokens((token_id,))
+                if request.is_finished:
+                    delta += sample.detok.flush()
+                if sample.stop is not None:
+                    sample.stop.append(delta)
+                    if request.is_finished and not sample.stop.stopped:
+                        sample.stop.flush()
+                    sample.text = sample.stop.text
+                    if sample.stop.stopped and not request.is_finished:
+                        self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+                        sample.stop_reason = sample.stop.stop_reason
+                else:
+                    sample.text += delta
+            if request.is_finished:
+                self._finish_sample(sample)
+            if group.stream or group.num_unfinished == 0:
+                touched[group.request_id] = group
+        outputs = []
+        for group in touched.values():
+            outputs.append(self._output(group))
+            if group.num_unfinished == 0:
+                self._groups.pop(group.request_id, None)
+                group.metrics.finished_time = now
+        return outputs
+
+    def _finish_sample(self, sample: _Sample) -> None:
+        request = sample.request
+        if sample.finish_reason is not None:
+            return
+        sample.finish_reason = request.finish_reason or "stop"
+        if sample.stop_reason is None and request.status == RequestStatus.FINISHED_STOPPED:
+            last = request.output_token_ids[-1] if request.output_token_ids else None
+            if last is not None and last in request.stop_token_ids and last not in self.eos_token_ids:
+                sample.stop_reason = last
+        if sample.detok is None:
+            sample.text = self._decode_output(sample)
+        self._samples.pop(request.request_id, None)
+        sample.group.num_unfinished -= 1
+
+    def _decode_output(self, sample: _Sample) -> str:
+        """The whole output at once, with the prompt's last tokens as left context (leading spaces)."""
+        tok = self.tokenizer
+        if tok is None:
+            return ""
+        skip = sample.params.skip_special_tokens
+        special = tok.all_special_ids if skip else frozenset()
+        out_ids = sample.request.output_token_ids
+        context = [t for t in sample.group.prompt_token_ids if t not in special][-_DECODE_CONTEXT:]
+        if not context:
+            return tok.decode(out_ids, skip_special_tokens=skip)
+        prefix = tok.decode(context, skip_special_tokens=skip)
+        full = tok.decode(context + out_ids, skip_special_tokens=skip)
+        return full[len(prefix):] if full.startswith(prefix) else tok.decode(out_ids, skip_special_tokens=skip)
+
+    def _record_logprobs(self, sample: _Sample, lp, row: int) -> None:
+        n = sample.params.logprobs or 0
+        ids = lp.token_ids[row]
+        values = lp.logprobs[row]
+        entry: dict[int, Logprob] = {}
+        tok = self.tokenizer
+
+        def text(token_id: int) -> str | None:
+            return tok.decode([token_id], skip_special_tokens=False) if tok is not None else None
+
+        for j in range(1, n + 1):
+            entry[ids[j]] = Logprob(values[j], j, text(ids[j]))
+        entry[ids[0]] = Logprob(values[0], lp.ranks[row], text(ids[0]))
+        assert sample.logprobs is not None
+        sample.logprobs.append(entry)
+        sample.cumulative_logprob = (sample.cumulative_logprob or 0.0) + values[0]
+
+    def _output(self, group: _Group) -> RequestOutput:
+        outputs = []
+        for s in group.samples:
+            outputs.append(
+                CompletionOutput(
+                    index=s.index,
+                    text=s.text,
+                    token_ids=list(s.request.output_token_ids),
+                    finish_reason=s.finish_reason,
+                    stop_reason=s.stop_reason,
+                    logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                    cumulative_logprob=s.cumulative_logprob,
+                )
+            )
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=outputs,
+            finished=group.num_unfinished == 0,
+            metrics=group.metrics,
+            num_cached_tokens=group.metrics.num_cached_tokens,
+        )
+
+
+def model_dir_of(model: str, revision: str | None) -> str:
+    from tinyserve.models.loader import resolve_model_path
+
+    return str(resolve_model_path(model, revision=revision, weights=False))
+
+
+def resolve_max_model_len(requested: int | None, model_max: int) -> int:
+    if requested is None:
+        return model_max
+    if requested > model_max:
+        raise ValueError(
+            f"max_model_len={requested} exceeds what the model supports ({model_max} positions, from its "
+            "config.json); use at most that"
+        )
+    return requested

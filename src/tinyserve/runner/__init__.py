@@ -1,0 +1,5 @@
+"""SchedulerOutput -> device tensors -> model -> logits -> sampler (ModelRunner), and CUDA graphs."""
+
+from tinyserve.runner.model_runner import ModelRunner, ModelRunnerOutput
+
+__all__ = ["ModelRunner", "ModelRunnerOutput"]

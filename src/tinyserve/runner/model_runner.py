@@ -1,0 +1,207 @@
+"""ModelRunner: one engine step on the device.
+
+SchedulerOutput -> packed inputs (one host->device copy) -> AttentionMetadata -> model.forward ->
+logits for the sampled rows only -> Sampler -> ONE device->host copy of the sampled ids.
+Decode-only steps replay a CUDA graph captured for the next larger bucketed batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tinyserve.layers.attention import AttentionMetadata
+from tinyserve.models.llama import LlamaForCausalLM
+from tinyserve.sampling import LogprobsLists, Sampler, SamplingMetadata
+from tinyserve.scheduler.output import SchedulerOutput
+
+from .cuda_graphs import DecodeGraphs, graph_batch_sizes
+from .input_batch import InputBatch, StepInputs
+from .kv_cache_alloc import allocate_kv_caches, cpu_kv_budget, cuda_kv_budget, kv_bytes_per_block
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelRunnerOutput:
+    """The step's samples, one per sequence with do_sample, in scheduling order.
+
+    sampled_token_ids: [num_logits] sampled ids.
+    logprobs: row i belongs to the i-th sampled sequence; None when no row asked for logprobs.
+    """
+
+    sampled_token_ids: list[int]
+    logprobs: LogprobsLists | None
+
+
+class ModelRunner:
+    """Owns the model, its KV cache, the input buffers, the CUDA graphs and the sampler.
+
+    Args:
+        model: a loaded model (weights on its device).
+        block_size: tokens per KV block.
+        max_model_len: longest sequence; sets the block-table width and the graphs' attention bound.
+        max_num_seqs, max_num_batched_tokens: the scheduler's per-step limits.
+        enforce_eager: never capture CUDA graphs.
+    """
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        *,
+        block_size: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enforce_eager: bool = False,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = model.dtype
+        self.vocab_size = model.arch_config.vocab_size
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.eos_token_ids = eos_token_ids
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.inputs = InputBatch(max_num_batched_tokens, max_num_seqs, self.max_blocks_per_seq, self.device)
+        self.sampler = Sampler()
+        self.num_blocks = 0
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.use_graphs = self.device.type == "cuda" and not enforce_eager
+        self.graphs: DecodeGraphs | None = None
+
+    # ---- set-up ------------------------------------------------------------------------------------
+    def determine_num_blocks(
+        self, *, num_kv_blocks: int | None, gpu_memory_utilization: float, kv_cache_memory_bytes: int | None
+    ) -> int:
+        """Blocks in the KV pool: given, from a byte budget, or from free GPU memory after profiling."""
+        if num_kv_blocks is not None:
+            return num_kv_blocks
+        per_block = kv_bytes_per_block(self.model, self.block_size)
+        if kv_cache_memory_bytes is not None or self.device.type != "cuda":
+            budget = cpu_kv_budget(kv_cache_memory_bytes)
+            # No point holding more than every sequence at full length (plus the null block).
+            cap = self.max_num_seqs * self.max_blocks_per_seq + 1
+            return max(1, min(budget // per_block, cap))
+        peak = self.profile_activation_peak()
+        budget = cuda_kv_budget(self.device, gpu_memory_utilization, peak)
+        num_blocks = budget // per_block
+        if num_blocks < self.max_blocks_per_seq + 1:
+            raise RuntimeError(
+                f"not enough GPU memory for the KV cache: {max(budget, 0) / 2**30:.2f} GiB left for it at "
+                f"gpu_memory_utilization={gpu_memory_utilization}, but one sequence of max_model_len="
+                f"{self.max_model_len} needs {(self.max_blocks_per_seq + 1) * per_block / 2**30:.2f} GiB. "
+                "Raise gpu_memory_utilization, lower max_model_len, or use a smaller model."
+            )
+        return int(num_blocks)
+
+    @torch.inference_mode()
+    def profile_activation_peak(self) -> int:
+        """Run one forward at the largest step size with a 1-block dummy cache; returns the extra
+        bytes the step needed above what was allocated before it."""
+        dummy = allocate_kv_caches(self.model, 1, self.block_size)
+        self.model.bind_kv_caches(dummy)
+        num_tokens = self.max_num_batched_tokens
+        num_seqs = min(self.max_num_seqs, num_tokens)
+        dev = self.device
+        seq_len = num_tokens // num_seqs
+        lens = [seq_len] * num_seqs
+        lens[-1] += num_tokens - seq_len * num_seqs
+        qsl = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+        positions = torch.cat([torch.arange(n, dtype=torch.int32) for n in lens])
+        md = AttentionMetadata(
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros((num_seqs, 1), dtype=torch.int32, device=dev),
+            query_start_loc=qsl.to(dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            max_query_len=max(lens),
+            max_seq_len=max(lens),
+            is_decode_only=False,
+        )
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        ids = torch.zeros(num_tokens, dtype=torch.int32, device=dev)
+        hidden = self.model(ids, positions.to(dev), md)
+        logits = self.model.compute_logits(hidden, (qsl[1:] - 1).to(dev))
+        torch.sort(logits, dim=-1)  # the sampler's top-p sort: the largest temporary of a step
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - before
+        del hidden, logits, md, ids, dummy
+        torch.cuda.empty_cache()
+        return int(peak)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size)
+        self.model.bind_kv_caches(self.kv_caches)
+
+    def capture_graphs(self) -> float:
+        """Capture the decode graphs (no-op on CPU or with enforce_eager); returns seconds spent."""
+        if not self.use_graphs:
+            return 0.0
+        start = time.perf_counter()
+        sizes = graph_batch_sizes(self.max_num_seqs)
+        self.graphs = DecodeGraphs(self.model, self.inputs, sizes, self.max_model_len)
+        self.graphs.capture()
+        return time.perf_counter() - start
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def _metadata(self, so: SchedulerOutput, x: StepInputs) -> AttentionMetadata:
+        block_tables = self.inputs.block_table.index_select(0, x.block_table_rows)
+        return AttentionMetadata(
+            slot_mapping=x.slot_mapping,
+            block_tables=block_tables,
+            query_start_loc=x.query_start_loc,
+            seq_lens=x.seq_lens,
+            context_lens=x.seq_lens,
+            max_query_len=so.max_query_len,
+            max_seq_len=so.max_seq_len,
+            is_decode_only=so.num_tokens == so.num_seqs,
+        )
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write block copies, before the step writes any KV."""
+        src = torch.tensor([s for s, _ in copies], dtype=torch.int64, device=self.device)
+        dst = torch.tensor([d for _, d in copies], dtype=torch.int64, device=self.device)
+        for k, v in self.kv_caches:
+            k.index_copy_(0, dst, k.index_select(0, src))
+            v.index_copy_(0, dst, v.index_select(0, src))
+
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput, sampling: SamplingMetadata | None) -> ModelRunnerOutput:
+        """Run one scheduled step. `sampling` describes the rows of so.logits_indices (None when the
+        step samples nothing, e.g. only non-final prefill chunks)."""
+        inputs = self.inputs
+        inputs.release(so.finished_req_ids)
+        inputs.release(so.preempted_req_ids)
+        if so.block_copies:
+            self._copy_blocks(so.block_copies)
+        if so.is_empty:
+            return ModelRunnerOutput([], None)
+        graph_bs = None
+        if self.graphs is not None and so.num_tokens == so.num_seqs:
+            graph_bs = self.graphs.batch_size_for(so.num_seqs)
+        x = inputs.prepare(so, pad_to=graph_bs)
+        if graph_bs is not None:
+            logits = self.graphs.replay(graph_bs)[: so.num_seqs]  # type: ignore[union-attr]
+            if x.num_logits != so.num_seqs:  # every decode samples; keep the rows that asked
+                logits = logits.index_select(0, x.logits_indices)
+        else:
+            md = self._metadata(so, x)
+            hidden = self.model(x.input_ids, x.positions, md)
+            if x.num_logits == 0:
+                return ModelRunnerOutput([], None)
+            logits = self.model.compute_logits(hidden, x.logits_indices)
+        if sampling is None:
+            return ModelRunnerOutput([], None)
+        out = self.sampler(logits, sampling).to_host()
+        return ModelRunnerOutput(out.sampled_token_ids, out.logprobs)
