@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <string>
 
 #include "ops.h"
@@ -68,6 +69,70 @@ void matmul(const TensorView& a, const TensorView& b, const TensorView& c, uintp
   }
 }
 
+void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                       const TensorView& value_cache, const TensorView& slot_mapping, uintptr_t stream) {
+  const tinyserve::ReshapeAndCacheArgs args{key, value, key_cache, value_cache, slot_mapping};
+  if (key_cache.is_cuda()) {
+#ifdef TINYSERVE_WITH_CUDA
+    tinyserve::cuda::reshape_and_cache(args, stream);
+#else
+    no_cuda("reshape_and_cache");
+#endif
+  } else {
+    tinyserve::cpu::reshape_and_cache(args);
+  }
+}
+
+void paged_attention(const tinyserve::PagedAttentionArgs& args, uintptr_t stream, const char* op) {
+  if (args.out.is_cuda()) {
+#ifdef TINYSERVE_WITH_CUDA
+    tinyserve::cuda::paged_attention(args, stream);
+#else
+    no_cuda(op);
+#endif
+  } else {
+    tinyserve::cpu::paged_attention(args);
+  }
+}
+
+// workspace: optional float32 split-KV scratch (CUDA only; None on CPU).
+void paged_attention_decode(const TensorView& query, const TensorView& key_cache, const TensorView& value_cache,
+                            const TensorView& block_tables, const TensorView& context_lens, const TensorView& out,
+                            double scale, int64_t max_seq_len, std::optional<TensorView> workspace,
+                            uintptr_t stream) {
+  tinyserve::PagedAttentionArgs args;
+  args.query = query;
+  args.key_cache = key_cache;
+  args.value_cache = value_cache;
+  args.block_tables = block_tables;
+  args.seq_lens = context_lens;
+  args.out = out;
+  args.scale = static_cast<float>(scale);
+  args.max_seq_len = max_seq_len;
+  args.max_query_len = 1;
+  if (workspace) args.workspace = *workspace;
+  paged_attention(args, stream, "paged_attention_decode");
+}
+
+void paged_attention_prefill(const TensorView& query, const TensorView& key_cache, const TensorView& value_cache,
+                             const TensorView& block_tables, const TensorView& query_start_loc,
+                             const TensorView& seq_lens, const TensorView& out, double scale, int64_t max_seq_len,
+                             int64_t max_query_len, std::optional<TensorView> workspace, uintptr_t stream) {
+  tinyserve::PagedAttentionArgs args;
+  args.query = query;
+  args.key_cache = key_cache;
+  args.value_cache = value_cache;
+  args.block_tables = block_tables;
+  args.query_start_loc = query_start_loc;
+  args.seq_lens = seq_lens;
+  args.out = out;
+  args.scale = static_cast<float>(scale);
+  args.max_seq_len = max_seq_len;
+  args.max_query_len = max_query_len;
+  if (workspace) args.workspace = *workspace;
+  paged_attention(args, stream, "paged_attention_prefill");
+}
+
 py::dict build_info() {
   py::dict info;
 #ifdef TINYSERVE_WITH_CUDA
@@ -99,4 +164,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "What was compiled: CUDA on/off, version, architectures, OpenMP, compiler.");
   m.def("matmul", &matmul, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("reshape_and_cache", &reshape_and_cache, py::arg("key"), py::arg("value"), py::arg("key_cache"),
+        py::arg("value_cache"), py::arg("slot_mapping"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("paged_attention_decode", &paged_attention_decode, py::arg("query"), py::arg("key_cache"),
+        py::arg("value_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("out"), py::arg("scale"),
+        py::arg("max_seq_len"), py::arg("workspace"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("paged_attention_prefill", &paged_attention_prefill, py::arg("query"), py::arg("key_cache"),
+        py::arg("value_cache"), py::arg("block_tables"), py::arg("query_start_loc"), py::arg("seq_lens"),
+        py::arg("out"), py::arg("scale"), py::arg("max_seq_len"), py::arg("max_query_len"), py::arg("workspace"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 }

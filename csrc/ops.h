@@ -20,4 +20,46 @@ void matmul(const TensorView& a, const TensorView& b, const TensorView& c, uintp
 }  // namespace cuda
 #endif
 
+// ---- paged KV cache and attention (issue 4; Python side: tinyserve/ops/cache.py, attention.py) ----
+
+// key, value [num_tokens, num_kv_heads, head_dim] -> key_cache, value_cache
+// [num_blocks, block_size, num_kv_heads, head_dim] at the flat slots of slot_mapping [num_tokens]
+// (int32 or int64, block_id * block_size + offset; -1 = skip). Any strides with a unit last one.
+struct ReshapeAndCacheArgs {
+  TensorView key, value, key_cache, value_cache, slot_mapping;
+};
+
+// out = softmax(q . K^T * scale) . V, with K and V read through the block tables. One kernel family
+// serves decode (query_start_loc.data == nullptr: one query token per sequence, num_tokens ==
+// num_seqs) and prefill / chunked prefill. Query token i of sequence s sits at absolute position
+// seq_lens[s] - q_len + i and attends to every position <= its own.
+struct PagedAttentionArgs {
+  TensorView query;            // [num_tokens, num_heads, head_dim]
+  TensorView key_cache;        // [num_blocks, block_size, num_kv_heads, head_dim]
+  TensorView value_cache;      // [num_blocks, block_size, num_kv_heads, head_dim]
+  TensorView block_tables;     // [num_seqs, max_blocks_per_seq] int32
+  TensorView seq_lens;         // [num_seqs] int32 (decode: context_lens)
+  TensorView query_start_loc;  // [num_seqs + 1] int32; data == nullptr for decode
+  TensorView out;              // [num_tokens, num_heads, head_dim], dtype of query
+  float scale = 1.f;
+  // Host-side upper bounds (CUDA launch sizing only; the CUDA path never reads device memory on
+  // the host). 0 = unknown: max_seq_len falls back to max_blocks_per_seq * block_size.
+  int64_t max_seq_len = 0;
+  int64_t max_query_len = 0;
+  // CUDA only: float32 scratch for split-KV partial results; data == nullptr: no split.
+  TensorView workspace;
+};
+
+namespace cpu {
+void reshape_and_cache(const ReshapeAndCacheArgs& args);
+void paged_attention(const PagedAttentionArgs& args);
+}  // namespace cpu
+
+#ifdef TINYSERVE_WITH_CUDA
+namespace cuda {
+void reshape_and_cache(const ReshapeAndCacheArgs& args, uintptr_t stream);
+void paged_attention(const PagedAttentionArgs& args, uintptr_t stream);
+}  // namespace cuda
+#endif
+
 }  // namespace tinyserve

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .attention import paged_attention_decode, paged_attention_prefill
+from .cache import reshape_and_cache
 from .matmul import matmul
 
 
@@ -24,4 +26,11 @@ def cuda_kernels_available() -> bool:
     return bool(build_info()["cuda"])
 
 
-__all__ = ["build_info", "cuda_kernels_available", "matmul"]
+__all__ = [
+    "build_info",
+    "cuda_kernels_available",
+    "matmul",
+    "paged_attention_decode",
+    "paged_attention_prefill",
+    "reshape_and_cache",
+]

@@ -1,0 +1,73 @@
+"""Deliberately naive PyTorch references of the ops, in float64 on the CPU. Used only by tests and
+benchmarks: clarity over speed, one sequence at a time, gathering K/V through the block table."""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[seq_len, num_kv_heads, head_dim] float64: positions 0..seq_len-1 of one sequence."""
+    block_size = cache.shape[1]
+    num_blocks = -(-seq_len // block_size)
+    blocks = block_table[:num_blocks].long().cpu()
+    return cache.cpu()[blocks].reshape(-1, cache.shape[2], cache.shape[3])[:seq_len].double()
+
+
+def paged_attention_prefill_ref(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """float64 [num_tokens, num_heads, head_dim] on the CPU; see ops.paged_attention_prefill.
+    Rows with no key to attend to are zero; rows past query_start_loc[-1] are NaN (unspecified)."""
+    num_tokens, num_heads, head_dim = query.shape
+    group = num_heads // key_cache.shape[2]
+    qsl = query_start_loc.tolist()
+    out = torch.full((num_tokens, num_heads, head_dim), float("nan"), dtype=torch.float64)
+    for s, seq_len in enumerate(seq_lens.tolist()):
+        q = query[qsl[s] : qsl[s + 1]].cpu().double()  # [q_len, num_heads, head_dim]
+        q_len = q.shape[0]
+        k = gather_kv(key_cache, block_tables[s], seq_len).repeat_interleave(group, dim=1)
+        v = gather_kv(value_cache, block_tables[s], seq_len).repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [num_heads, q_len, seq_len]
+        positions = seq_len - q_len + torch.arange(q_len)
+        masked = torch.arange(seq_len)[None, :] > positions[:, None]  # [q_len, seq_len]
+        scores = scores.masked_fill(masked, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
+        out[qsl[s] : qsl[s + 1]] = torch.einsum("hqk,khd->qhd", probs, v)
+    return out
+
+
+def paged_attention_decode_ref(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """float64 [num_seqs, num_heads, head_dim] on the CPU; see ops.paged_attention_decode."""
+    qsl = torch.arange(query.shape[0] + 1, dtype=torch.int32)
+    return paged_attention_prefill_ref(query, key_cache, value_cache, block_tables, qsl, context_lens, scale)
+
+
+def reshape_and_cache_ref(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New (key_cache, value_cache) on the CPU with each token written to its slot (-1 skipped)."""
+    key_cache, value_cache = key_cache.cpu().clone(), value_cache.cpu().clone()
+    block_size = key_cache.shape[1]
+    for i, slot in enumerate(slot_mapping.tolist()):
+        if slot >= 0:
+            key_cache[slot // block_size, slot % block_size] = key[i].cpu()
+            value_cache[slot // block_size, slot % block_size] = value[i].cpu()
+    return key_cache, value_cache
