@@ -33,9 +33,8 @@ QWEN = HERE / "models" / "qwen3-0.6b"
 LLAMA8B = HERE / "models" / "llama3-8b"
 
 
-def free(*objs) -> None:
-    for o in objs:
-        del o
+def free() -> None:
+    """Return freed GPU memory to the driver (callers drop their references first)."""
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -79,15 +78,18 @@ def hf_baseline(batch: int, in_len: int, out_len: int) -> float:
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16).cuda().eval()
     ids = torch.randint(0, 10000, (batch, in_len), device="cuda")
-    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0)
-    model.generate(ids[:2, :16], max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    warm = ids[:2, :16]
+    model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, min_new_tokens=4, **kw)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=out_len, min_new_tokens=out_len, **kw)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=out_len, min_new_tokens=out_len,
+                         **kw)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     assert out.shape[1] == in_len + out_len
-    free(model)
+    del model, out
+    free()
     return batch * out_len / seconds
 
 
@@ -176,7 +178,8 @@ def main() -> None:
     results.update(qwen_single_tok_s=tps_06, qwen_single_ttft_s=ttft_06)
     print(f"single stream Qwen3-0.6B: {tps_06:.0f} tok/s, TTFT {ttft_06 * 1e3:.1f} ms", flush=True)
     wb_06 = weight_bytes(llm)
-    free(llm)
+    del llm, outs
+    free()
 
     tps_8b = None
     if not args.skip_8b:
@@ -186,7 +189,8 @@ def main() -> None:
         results.update(llama8b_single_tok_s=tps_8b, llama8b_ttft_s=ttft_8b, llama8b_weight_bytes=wb_8b,
                        llama8b_startup_s=startup8)
         print(f"single stream Llama-3-8B: {tps_8b:.1f} tok/s (limit {bw / wb_8b:.1f})", flush=True)
-        free(llm8)
+        del llm8
+        free()
 
     rows.append(("offline harness (256 req)", f"{harness_tps:,.0f} tok/s",
                  f"{n_out / limit_s:,.0f} tok/s traffic limit", f"{limit_s / sec:.0%} of limit"))

@@ -1,6 +1,6 @@
 // The teaching matmul on the GPU: C = A @ B.
-//  - float32: 128x128 block tile, 8 deep, each of 256 threads owns an 8x8 tile of C in registers;
-//    the next K-slice is fetched into registers while the current one is multiplied out of shared
+//  - float32: 128x128 block tile, 16 deep, each of 256 threads owns an 8x8 tile of C in registers;
+//    the next 16-deep K-slice is fetched into registers while the current one is multiplied out of shared
 //    memory (double-buffered shared memory, one barrier per slice).
 //  - float16 / bfloat16: tensor cores through WMMA (16x16x16 fragments), fp32 accumulation.
 // Any sizes and strides are accepted; out-of-range elements are loaded as zeros.
@@ -14,40 +14,62 @@
 namespace tinyserve::cuda {
 namespace {
 
-constexpr int BM = 128, BN = 128, BK = 8, TM = 8, TN = 8, THREADS = 256;
+constexpr int BM = 128, BN = 128, BK = 16, TM = 8, TN = 8, THREADS = 256;
 
 struct MatmulArgs {
   int64_t m, n, k;
   int64_t sa0, sa1, sb0, sb1, sc0, sc1;
 };
 
-__global__ void __launch_bounds__(THREADS) sgemm_kernel(const float* __restrict__ a, const float* __restrict__ b,
-                                                        float* __restrict__ c, MatmulArgs p) {
-  __shared__ float As[2][BK][BM];  // A slice stored transposed: As[k][row]
-  __shared__ float Bs[2][BK][BN];
+// kVec: A and B are row-major with unit inner stride, k and n are multiples of 4 and the pointers
+// are 16-byte aligned, so each thread moves whole float4s (a float4 is either fully in range or
+// fully out). Otherwise every element is loaded on its own through the strides.
+template <bool kVec>
+__global__ void __launch_bounds__(THREADS, 2) sgemm_kernel(const float* __restrict__ a, const float* __restrict__ b,
+                                                           float* __restrict__ c, MatmulArgs p) {
+  __shared__ __align__(16) float As[2][BK][BM];  // A slice stored transposed: As[k][row]
+  __shared__ __align__(16) float Bs[2][BK][BN];
   const int tid = threadIdx.x;
   const int64_t row0 = static_cast<int64_t>(blockIdx.y) * BM;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * BN;
 
-  // Loader mapping: A slice is 128 x 8 (4 elements per thread), B slice is 8 x 128.
-  const int a_row = tid / 2, a_col = (tid % 2) * 4;
-  const int b_row = tid / 32, b_col = (tid % 32) * 4;
-  float a_reg[4], b_reg[4];
-
+  // Loader mapping: the A slice is 128 x 16 and the B slice 16 x 128, 8 elements per thread each,
+  // as two groups of 4 consecutive elements along the fast axis.
+  float a_reg[8], b_reg[8];
   auto load_slice = [&](int64_t k0) {
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t r = row0 + a_row, kk = k0 + a_col + q;
-      a_reg[q] = (r < p.m && kk < p.k) ? a[r * p.sa0 + kk * p.sa1] : 0.f;
-      const int64_t kb = k0 + b_row, cc = col0 + b_col + q;
-      b_reg[q] = (kb < p.k && cc < p.n) ? b[kb * p.sb0 + cc * p.sb1] : 0.f;
+    for (int h = 0; h < 2; ++h) {
+      const int ea = tid + h * THREADS;          // 0..511 groups of 4
+      const int a_row = ea / 4, a_col = (ea % 4) * 4;
+      const int b_row = ea / 32, b_col = (ea % 32) * 4;
+      const int64_t r = row0 + a_row, ka = k0 + a_col;
+      const int64_t kb = k0 + b_row, cb = col0 + b_col;
+      if constexpr (kVec) {
+        const float4 va = (r < p.m && ka < p.k) ? *reinterpret_cast<const float4*>(a + r * p.sa0 + ka)
+                                                 : make_float4(0.f, 0.f, 0.f, 0.f);
+        const float4 vb = (kb < p.k && cb < p.n) ? *reinterpret_cast<const float4*>(b + kb * p.sb0 + cb)
+                                                  : make_float4(0.f, 0.f, 0.f, 0.f);
+        a_reg[h * 4 + 0] = va.x; a_reg[h * 4 + 1] = va.y; a_reg[h * 4 + 2] = va.z; a_reg[h * 4 + 3] = va.w;
+        b_reg[h * 4 + 0] = vb.x; b_reg[h * 4 + 1] = vb.y; b_reg[h * 4 + 2] = vb.z; b_reg[h * 4 + 3] = vb.w;
+      } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          a_reg[h * 4 + q] = (r < p.m && ka + q < p.k) ? a[r * p.sa0 + (ka + q) * p.sa1] : 0.f;
+          b_reg[h * 4 + q] = (kb < p.k && cb + q < p.n) ? b[kb * p.sb0 + (cb + q) * p.sb1] : 0.f;
+        }
+      }
     }
   };
   auto store_slice = [&](int buf) {
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      As[buf][a_col + q][a_row] = a_reg[q];
-      Bs[buf][b_row][b_col + q] = b_reg[q];
+    for (int h = 0; h < 2; ++h) {
+      const int ea = tid + h * THREADS;
+      const int a_row = ea / 4, a_col = (ea % 4) * 4;
+      const int b_row = ea / 32, b_col = (ea % 32) * 4;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) As[buf][a_col + q][a_row] = a_reg[h * 4 + q];
+      *reinterpret_cast<float4*>(&Bs[buf][b_row][b_col]) =
+          make_float4(b_reg[h * 4 + 0], b_reg[h * 4 + 1], b_reg[h * 4 + 2], b_reg[h * 4 + 3]);
     }
   };
 
@@ -96,6 +118,12 @@ __global__ void __launch_bounds__(THREADS) sgemm_kernel(const float* __restrict_
       if (cc < p.n) c[r * p.sc0 + cc * p.sc1] = acc[i][j];
     }
   }
+}
+
+bool vec4_ok(const TensorView& a, const TensorView& b, const MatmulArgs& p) {
+  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  return p.sa1 == 1 && p.sb1 == 1 && p.k % 4 == 0 && p.n % 4 == 0 && p.sa0 % 4 == 0 && p.sb0 % 4 == 0 &&
+         aligned(a.data) && aligned(b.data);
 }
 
 // Tensor-core path: 64x64 block tile, 32 deep, 4 warps each owning a 32x32 tile (2x2 fragments).
@@ -181,7 +209,11 @@ void matmul(const TensorView& a, const TensorView& b, const TensorView& c, uintp
   switch (a.dtype) {
     case DType::kFloat32: {
       dim3 grid(static_cast<unsigned>((p.n + BN - 1) / BN), static_cast<unsigned>((p.m + BM - 1) / BM));
-      sgemm_kernel<<<grid, THREADS, 0, stream>>>(a.ptr<const float>(), b.ptr<const float>(), c.ptr<float>(), p);
+      if (vec4_ok(a, b, p)) {
+        sgemm_kernel<true><<<grid, THREADS, 0, stream>>>(a.ptr<const float>(), b.ptr<const float>(), c.ptr<float>(), p);
+      } else {
+        sgemm_kernel<false><<<grid, THREADS, 0, stream>>>(a.ptr<const float>(), b.ptr<const float>(), c.ptr<float>(), p);
+      }
       check_launch("matmul (sgemm)");
       return;
     }
