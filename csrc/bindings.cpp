@@ -133,6 +133,65 @@ void paged_attention_prefill(const TensorView& query, const TensorView& key_cach
   paged_attention(args, stream, "paged_attention_prefill");
 }
 
+// ---- fused decoder-layer ops (CPU twin or CUDA kernel, by the device of the data) ----
+
+// residual: None for plain rms_norm; else residual += x, then out = rms_norm(residual).
+void rms_norm(const TensorView& x, std::optional<TensorView> residual, const TensorView& weight,
+              const TensorView& out, double eps, uintptr_t stream) {
+  tinyserve::RmsNormArgs args;
+  args.x = x;
+  if (residual) args.residual = *residual;
+  args.weight = weight;
+  args.out = out;
+  args.eps = static_cast<float>(eps);
+  if (x.is_cuda()) {
+#ifdef TINYSERVE_WITH_CUDA
+    tinyserve::cuda::rms_norm(args, stream);
+#else
+    no_cuda(residual ? "fused_add_rms_norm" : "rms_norm");
+#endif
+  } else {
+    tinyserve::cpu::rms_norm(args);
+  }
+}
+
+// q_norm_weight, k_norm_weight: both None (plain RoPE) or both given (q/k RMSNorm first).
+void rotary_embedding(const TensorView& positions, const TensorView& query, const TensorView& key,
+                      const TensorView& cos_sin_cache, int64_t rotary_dim, std::optional<TensorView> q_norm_weight,
+                      std::optional<TensorView> k_norm_weight, double eps, uintptr_t stream) {
+  tinyserve::RotaryArgs args;
+  args.positions = positions;
+  args.query = query;
+  args.key = key;
+  args.cos_sin_cache = cos_sin_cache;
+  args.rotary_dim = rotary_dim;
+  if (q_norm_weight) args.q_norm_weight = *q_norm_weight;
+  if (k_norm_weight) args.k_norm_weight = *k_norm_weight;
+  args.eps = static_cast<float>(eps);
+  if (query.is_cuda()) {
+#ifdef TINYSERVE_WITH_CUDA
+    tinyserve::cuda::rotary_embedding(args, stream);
+#else
+    no_cuda("rotary_embedding");
+#endif
+  } else {
+    tinyserve::cpu::rotary_embedding(args);
+  }
+}
+
+void silu_and_mul(const TensorView& x, const TensorView& out, uintptr_t stream) {
+  const tinyserve::SiluAndMulArgs args{x, out};
+  if (x.is_cuda()) {
+#ifdef TINYSERVE_WITH_CUDA
+    tinyserve::cuda::silu_and_mul(args, stream);
+#else
+    no_cuda("silu_and_mul");
+#endif
+  } else {
+    tinyserve::cpu::silu_and_mul(args);
+  }
+}
+
 py::dict build_info() {
   py::dict info;
 #ifdef TINYSERVE_WITH_CUDA
@@ -173,4 +232,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("value_cache"), py::arg("block_tables"), py::arg("query_start_loc"), py::arg("seq_lens"),
         py::arg("out"), py::arg("scale"), py::arg("max_seq_len"), py::arg("max_query_len"), py::arg("workspace"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("out"), py::arg("eps"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("rotary_embedding", &rotary_embedding, py::arg("positions"), py::arg("query"), py::arg("key"),
+        py::arg("cos_sin_cache"), py::arg("rotary_dim"), py::arg("q_norm_weight"), py::arg("k_norm_weight"),
+        py::arg("eps"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("silu_and_mul", &silu_and_mul, py::arg("x"), py::arg("out"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
 }

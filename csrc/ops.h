@@ -62,4 +62,50 @@ void paged_attention(const PagedAttentionArgs& args, uintptr_t stream);
 }  // namespace cuda
 #endif
 
+// ---- fused elementwise / row ops of the decoder layer (issue 8; Python side: tinyserve/ops/fused.py) ----
+
+// RMSNorm over the last dim of x, rows [num_tokens, hidden] (2-D) or [num_tokens, num_heads,
+// head_dim] (3-D); any strides with a unit last one. Sums of squares in float32; the normalised
+// value is rounded to x's dtype before the weight multiplies it (transformers' order):
+//   out = weight * T(x * rsqrt(mean(x^2) + eps)).
+// With residual.data != nullptr (fused_add_rms_norm): residual += x (rounded to T), then
+// out = rms_norm(residual); out may alias x. weight [hidden] contiguous, dtype of x.
+struct RmsNormArgs {
+  TensorView x, residual, weight, out;
+  float eps = 1e-6f;
+};
+
+// In-place RoPE in the half-split ("neox") layout on query [num_tokens, num_heads, head_dim] and
+// key [num_tokens, num_kv_heads, head_dim] (any strides with a unit last one; they must not overlap):
+// dims i and i + rotary_dim/2 (i < rotary_dim/2) of each head rotate by the angle of
+// cos_sin_cache[positions[t]] = [cos | sin] ([max_position, rotary_dim], dtype of query), with
+// every product rounded to the dtype as PyTorch's x*cos - x2*sin does. With q_norm_weight.data !=
+// nullptr, each head is first RMS-normalised (Qwen3's q/k norm, eps) with q_norm_weight /
+// k_norm_weight [head_dim]. positions [num_tokens] int32 or int64.
+struct RotaryArgs {
+  TensorView positions, query, key, cos_sin_cache, q_norm_weight, k_norm_weight;
+  int64_t rotary_dim = 0;
+  float eps = 1e-6f;
+};
+
+// out [num_tokens, d] = T(silu(x[:, :d]) rounded to T) * x[:, d:], x [num_tokens, 2 * d]; unit
+// last strides, any row strides.
+struct SiluAndMulArgs {
+  TensorView x, out;
+};
+
+namespace cpu {
+void rms_norm(const RmsNormArgs& args);
+void rotary_embedding(const RotaryArgs& args);
+void silu_and_mul(const SiluAndMulArgs& args);
+}  // namespace cpu
+
+#ifdef TINYSERVE_WITH_CUDA
+namespace cuda {
+void rms_norm(const RmsNormArgs& args, uintptr_t stream);
+void rotary_embedding(const RotaryArgs& args, uintptr_t stream);
+void silu_and_mul(const SiluAndMulArgs& args, uintptr_t stream);
+}  // namespace cuda
+#endif
+
 }  // namespace tinyserve

@@ -41,7 +41,7 @@ def test_rotary_matches_transformers(scaling: RopeScaling | None) -> None:
     q = torch.randn(len(positions), 4, head_dim, generator=gen)  # [num_tokens, num_heads, head_dim]
     k = torch.randn(len(positions), 2, head_dim, generator=gen)
     rope = RotaryEmbedding(head_dim, head_dim, 512, theta, scaling)
-    q_out, k_out = rope(positions, q, k)
+    q_out, k_out = rope(positions, q.clone(), k.clone())  # rotates its arguments in place
 
     cos, sin = _hf_cos_sin(scaling, head_dim, theta, positions)
     # transformers wants [batch, heads, seq, head_dim]
@@ -62,7 +62,7 @@ def test_partial_rotary_rotates_leading_dims_only() -> None:
     positions = torch.arange(0, 40, 3)
     x = torch.randn(len(positions), 3, head_dim, generator=torch.Generator().manual_seed(1))
     rope = RotaryEmbedding(head_dim, rotary_dim, 64, theta)
-    out, _ = rope(positions, x, x)
+    out, _ = rope(positions, x.clone(), x[:, :1].clone())
     assert torch.equal(out[..., rotary_dim:], x[..., rotary_dim:])
     # Reference: pairs (i, i + rotary_dim/2) as complex numbers times e^{i * pos * inv_freq}.
     half = rotary_dim // 2
@@ -80,3 +80,26 @@ def test_cache_is_stored_in_model_dtype() -> None:
     assert rope.cos_sin_cache.shape == (32, 16) and rope.cos_sin_cache.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="rotary_dim"):
         RotaryEmbedding(16, 7, 32, 10000.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_qk_norm_matches_norm_then_rotate(dtype: torch.dtype) -> None:
+    """Qwen3's path: q_norm/k_norm passed to the rope are applied per head before the rotation."""
+    from tinyserve.layers.norm import RMSNorm
+
+    head_dim, positions = 32, torch.tensor([0, 3, 100, 511])
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(4, 4, head_dim, generator=gen).to(dtype)
+    k = torch.randn(4, 2, head_dim, generator=gen).to(dtype)
+    q_norm, k_norm = RMSNorm(head_dim, 1e-6, dtype), RMSNorm(head_dim, 1e-6, dtype)
+    with torch.no_grad():
+        q_norm.weight.copy_(torch.rand(head_dim, generator=gen) + 0.5)
+        k_norm.weight.copy_(torch.rand(head_dim, generator=gen) + 0.5)
+    rope = RotaryEmbedding(head_dim, head_dim, 512, 10000.0, dtype=dtype)
+    want_q, want_k = rope(positions, q_norm.normalize(q), k_norm.normalize(k))
+    got_q, got_k = rope.at(positions)(q.clone(), k.clone(), q_norm, k_norm)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7}[dtype]
+    torch.testing.assert_close(got_q, want_q, rtol=tol, atol=1e-5)
+    torch.testing.assert_close(got_k, want_k, rtol=tol, atol=1e-5)
+    with pytest.raises(ValueError, match="both"):
+        rope(positions, q, k, q_norm, None)

@@ -1,18 +1,22 @@
-"""SwiGLU's gate: silu(gate) * up on a fused [gate | up] projection output."""
+"""SwiGLU's gate: silu(gate) * up on a fused [gate | up] projection output, in one kernel (ops.fused)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from tinyserve import ops
 
 
 class SiluAndMul(nn.Module):
     """forward(x [num_tokens, 2 * d]) -> [num_tokens, d] = silu(x[:, :d]) * x[:, d:].
 
-    Computed in x's dtype, as transformers' LlamaMLP does.
+    Computed as transformers' LlamaMLP computes it in x's dtype: silu in float32, stored in x's dtype,
+    then the product (`ops.silu_and_mul`). Leading dims other than num_tokens are flattened.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = x.shape[-1] // 2
-        return F.silu(x[..., :d]) * x[..., d:]
+        if x.dim() == 2 and x.stride(-1) == 1:
+            return ops.silu_and_mul(x)
+        out = ops.silu_and_mul(x.reshape(-1, x.shape[-1]))  # [num_rows, d]
+        return out.view(*x.shape[:-1], out.shape[-1])

@@ -1,5 +1,5 @@
 """Rotary position embeddings (RoPE) in Hugging Face's half-split ("neox") layout, with the cos/sin table
-built once at load time for every position the model serves.
+built once at load time for every position the model serves, applied in place by one fused kernel.
 
 Each head's first `rotary_dim` dims are rotated as pairs (i, i + rotary_dim/2); the rest pass through
 (partial rotary). Frequency scaling: none, "linear", or "llama3" (Llama 3.1's banded scaling).
@@ -8,10 +8,13 @@ Each head's first `rotary_dim` dims are rotated as pairs (i, i + rotary_dim/2); 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from tinyserve import ops
+from tinyserve.layers.norm import RMSNorm
 from tinyserve.models.config import RopeScaling
 
 
@@ -44,29 +47,16 @@ def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [num_tokens, num_heads, head_dim] by (cos, sin) [num_tokens, 1, rotary_dim // 2].
-
-    Dims [0, rotary_dim) are rotated as pairs (i, i + rotary_dim // 2); the rest pass through.
-    """
-    half = cos.shape[-1]
-    x1 = x[..., :half]
-    x2 = x[..., half : 2 * half]
-    # Same operations, in the same order and dtype, as transformers' x*cos + rotate_half(x)*sin.
-    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
-    if 2 * half < x.shape[-1]:
-        parts.append(x[..., 2 * half :])
-    return torch.cat(parts, dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
-    """RoPE for query/key tensors [num_tokens, num_heads, head_dim] at given absolute positions.
+    """RoPE for query/key tensors [num_tokens, num_heads, head_dim] at given absolute positions, applied
+    in place by one kernel (`ops.rotary_embedding`, CPU and CUDA) that can first apply Qwen3's per-head
+    q/k RMSNorm.
 
-    `cos_sin(positions)` gathers the table once per forward; `apply_rotary(x, cos, sin)` rotates one
-    tensor (q and k of every layer). `forward(positions, query, key)` does both.
+    `forward(positions, query, key, q_norm, k_norm)` rotates query and key in place; `at(positions)` binds
+    this forward's positions once for every layer.
 
-    NOTE: positions must lie in [0, max_position); they index the table directly, without a check
-    (a check would need a device->host sync).
+    NOTE: positions must lie in [0, max_position); on CUDA they are not checked (a check would need a
+    device->host sync) and tokens outside are left unrotated.
     """
 
     def __init__(
@@ -92,19 +82,56 @@ class RotaryEmbedding(nn.Module):
         self.cos_sin_cache: torch.Tensor
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [num_tokens] -> (cos, sin), each [num_tokens, 1, rotary_dim // 2]."""
-        cos_sin = self.cos_sin_cache.index_select(0, positions)  # [num_tokens, rotary_dim]
-        cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)
-        return cos, sin
-
     def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+        self,
+        positions: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [num_tokens]; query [num_tokens, num_heads, head_dim]; key [num_tokens, num_kv_heads,
-        head_dim] -> rotated (query, key)."""
-        cos, sin = self.cos_sin(positions)
-        return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        """Rotates in place and returns (query, key). positions [num_tokens]; query [num_tokens,
+        num_heads, head_dim] and key [num_tokens, num_kv_heads, head_dim] (views with a unit last stride,
+        not overlapping). With q_norm and k_norm (Qwen3), each head is RMS-normalised first."""
+        if (q_norm is None) != (k_norm is None):
+            raise ValueError("give both q_norm and k_norm, or neither")
+        if q_norm is not None and k_norm is not None:
+            if q_norm.eps != k_norm.eps:
+                raise ValueError(f"q_norm and k_norm must share one eps, got {q_norm.eps} and {k_norm.eps}")
+            ops.rotary_embedding(
+                positions,
+                query,
+                key,
+                self.cos_sin_cache,
+                self.rotary_dim,
+                q_norm.weight,
+                k_norm.weight,
+                q_norm.eps,
+            )
+        else:
+            ops.rotary_embedding(positions, query, key, self.cos_sin_cache, self.rotary_dim)
+        return query, key
+
+    def at(self, positions: torch.Tensor) -> BoundRope:
+        """This RoPE bound to one forward's positions [num_tokens], for every layer to call."""
+        return BoundRope(self, positions)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, max_position={self.max_position}"
+
+
+@dataclass(frozen=True)
+class BoundRope:
+    """A RotaryEmbedding and the positions [num_tokens] of one forward: `rope(q, k, q_norm, k_norm)`."""
+
+    rotary: RotaryEmbedding
+    positions: torch.Tensor
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary(self.positions, query, key, q_norm, k_norm)

@@ -19,11 +19,9 @@ from tinyserve.layers.attention import Attention, AttentionMetadata
 from tinyserve.layers.embedding import LMHead, VocabEmbedding
 from tinyserve.layers.linear import Linear, MergedLinear
 from tinyserve.layers.norm import RMSNorm
-from tinyserve.layers.rotary import RotaryEmbedding, apply_rotary
+from tinyserve.layers.rotary import BoundRope, RotaryEmbedding
 
 from .config import ModelArchConfig
-
-RopeCosSin = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [num_tokens, 1, rotary_dim // 2]
 
 
 class LlamaAttention(nn.Module):
@@ -38,16 +36,13 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, scale=cfg.head_dim**-0.5)
 
-    def forward(self, hidden: torch.Tensor, rope: RopeCosSin, md: AttentionMetadata) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rope: BoundRope, md: AttentionMetadata) -> torch.Tensor:
         """hidden [num_tokens, hidden_size] -> [num_tokens, hidden_size]."""
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
-        if self.q_norm is not None and self.k_norm is not None:  # Qwen3: RMSNorm per head, before RoPE
-            q = self.q_norm.normalize(q)
-            k = self.k_norm.normalize(k)
-        q = apply_rotary(q, *rope)
-        k = apply_rotary(k, *rope)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim], a view of qkv
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim], a view
+        # In place on the views, one kernel; Qwen3 (q_norm/k_norm set): RMSNorm per head, then RoPE.
+        rope(q, k, self.q_norm, self.k_norm)
         out = self.attn(q, k, v, md)  # [num_tokens, num_heads * head_dim]
         return self.o_proj(out)
 
@@ -76,9 +71,10 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, dtype)
 
     def forward(
-        self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeCosSin, md: AttentionMetadata
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: BoundRope, md: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden, residual) -> (hidden, residual); their sum is the layer's output stream."""
+        """(hidden, residual) -> (hidden, residual); their sum is the layer's output stream.
+        NOTE: the norms update hidden and residual in place."""
         hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, rope, md)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
@@ -99,7 +95,7 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-        rope = self.rotary_emb.cos_sin(positions)  # gathered once, used by every layer
+        rope = self.rotary_emb.at(positions)  # bound once, used by every layer
         residual: torch.Tensor | None = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, rope, md)

@@ -11,6 +11,7 @@ from typing import Any
 
 from .attention import paged_attention_decode, paged_attention_prefill
 from .cache import reshape_and_cache
+from .fused import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 from .matmul import matmul
 
 
@@ -29,8 +30,12 @@ def cuda_kernels_available() -> bool:
 __all__ = [
     "build_info",
     "cuda_kernels_available",
+    "fused_add_rms_norm",
     "matmul",
     "paged_attention_decode",
     "paged_attention_prefill",
     "reshape_and_cache",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
 ]

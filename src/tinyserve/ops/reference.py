@@ -71,3 +71,49 @@ def reshape_and_cache_ref(
             key_cache[slot // block_size, slot % block_size] = key[i].cpu()
             value_cache[slot // block_size, slot % block_size] = value[i].cpu()
     return key_cache, value_cache
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """float64 on the CPU, x's shape: weight * x / sqrt(mean(x^2) + eps) over the last dim."""
+    x64 = x.cpu().double()
+    return weight.cpu().double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def fused_add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed float64, new residual in x's dtype) on the CPU; see ops.fused_add_rms_norm. The sum is
+    rounded to x's dtype first (it is stored there), then normalised in float64."""
+    new_residual = x.cpu() + residual.cpu()
+    return rms_norm_ref(new_residual, weight, eps), new_residual
+
+
+def rotary_embedding_ref(
+    positions: torch.Tensor,
+    x: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    rotary_dim: int,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """float64 [num_tokens, num_heads, head_dim] on the CPU: x (query or key) optionally RMS-normalised
+    per head, then dims (i, i + rotary_dim/2) rotated by the cached angle of each token's position."""
+    x64 = x.cpu().double()
+    if norm_weight is not None:
+        x64 = rms_norm_ref(x64, norm_weight, eps)
+    half = rotary_dim // 2
+    table = cos_sin_cache.cpu().double()[positions.cpu().long()]  # [num_tokens, rotary_dim]
+    cos, sin = table[:, None, :half], table[:, None, half:]
+    out = x64.clone()
+    x1, x2 = x64[..., :half], x64[..., half:rotary_dim]
+    out[..., :half] = x1 * cos - x2 * sin
+    out[..., half:rotary_dim] = x2 * cos + x1 * sin
+    return out
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """float64 [num_tokens, d] on the CPU: silu(x[:, :d]) * x[:, d:]."""
+    x64 = x.cpu().double()
+    d = x64.shape[-1] // 2
+    gate, up = x64[..., :d], x64[..., d:]
+    return gate / (1 + torch.exp(-gate)) * up

@@ -1,0 +1,234 @@
+"""Fused elementwise/row ops of the decoder layer: RMSNorm (with the residual add fused in), RoPE (with
+Qwen3's per-head q/k RMSNorm fused in) and SiLU-and-mul. Each is one kernel where PyTorch needs
+several, and rounds where the unfused PyTorch formulas (and transformers) round.
+
+NOTE: on CUDA these ops never synchronise or read device tensors on the host, so they can be captured
+in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tinyserve import _C
+
+from ._tensor import check_tensor, stream_of, view
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_POSITION_DTYPES = (torch.int32, torch.int64)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_float(name: str, t: object) -> torch.Tensor:
+    t = check_tensor(name, t)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {_name(t.dtype)}; supported: float32, float16, bfloat16")
+    return t
+
+
+def _check_like(
+    name: str, t: object, ref: torch.Tensor, ref_name: str, same_shape: bool = True
+) -> torch.Tensor:
+    """t has ref's dtype and device (and shape, when asked)."""
+    t = check_tensor(name, t)
+    if t.device != ref.device:
+        raise ValueError(
+            f"{name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must be on one device"
+        )
+    if t.dtype != ref.dtype:
+        raise TypeError(
+            f"{name} has dtype {_name(t.dtype)} but {ref_name} has {_name(ref.dtype)}; they must match"
+        )
+    if same_shape and t.shape != ref.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)} but {ref_name} has {tuple(ref.shape)}; they must match"
+        )
+    return t
+
+
+def _check_rows(name: str, t: torch.Tensor) -> None:
+    if t.dim() not in (2, 3):
+        raise ValueError(
+            f"{name} must be 2-D [num_tokens, hidden] or 3-D [num_tokens, num_heads, head_dim], "
+            f"got shape {tuple(t.shape)}"
+        )
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (strides {t.stride()})")
+
+
+def _check_weight(name: str, weight: object, x: torch.Tensor, x_name: str) -> torch.Tensor:
+    weight = _check_like(name, weight, x, x_name, same_shape=False)
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"{name} must be [{x.shape[-1]}] (the last dim of {x_name}), got shape {tuple(weight.shape)}"
+        )
+    if not weight.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return weight
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """RMSNorm over the last dim: `weight * T(x * rsqrt(mean(x^2) + eps))`, as transformers' LlamaRMSNorm
+    computes it (float32 statistics, the normalised value rounded to x's dtype T before the weight).
+
+    Args:
+        x: [num_tokens, hidden] or [num_tokens, num_heads, head_dim] (per-head q/k norm); any strides
+            with a unit last stride. float32, float16 or bfloat16; CPU or CUDA.
+        weight: [hidden] (or [head_dim]), contiguous, x's dtype and device.
+        eps: added to the mean square.
+        out: optional output of x's shape, dtype and device, unit last stride; may be x itself.
+
+    Returns:
+        `out` (a new contiguous tensor when not given), x's shape and dtype.
+    """
+    _check_float("x", x)
+    _check_rows("x", x)
+    _check_weight("weight", weight, x, "x")
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    else:
+        _check_like("out", out, x, "x")
+        _check_rows("out", out)
+    if x.numel():
+        _C.rms_norm(view(x), None, view(weight), view(out), float(eps), stream_of(x))
+    return out
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """In place: `residual += x` (rounded to the dtype, as `x + residual` in PyTorch), then
+    `x = rms_norm(residual, weight, eps)`. The pre-norm decoder's `h, res = norm(h, res)` in one pass.
+
+    Args:
+        x: [num_tokens, hidden] (or 3-D [num_tokens, num_heads, head_dim]); any strides with a unit
+            last stride; float32, float16 or bfloat16; overwritten with the normalised sum.
+        residual: x's shape, dtype and device, unit last stride; overwritten with x + residual.
+            Must not overlap x.
+        weight: [hidden], contiguous, x's dtype and device.
+        eps: added to the mean square.
+    """
+    _check_float("x", x)
+    _check_rows("x", x)
+    _check_like("residual", residual, x, "x")
+    _check_rows("residual", residual)
+    _check_weight("weight", weight, x, "x")
+    if residual.data_ptr() == x.data_ptr() and x.numel():
+        raise ValueError("residual and x must be different tensors (both are written)")
+    if x.numel():
+        _C.rms_norm(view(x), view(residual), view(weight), view(x), float(eps), stream_of(x))
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    rotary_dim: int,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> None:
+    """In place: rotary position embedding in Hugging Face's half-split ("neox") layout, optionally
+    after Qwen3's per-head RMSNorm of q and k (`q = rms_norm(q, q_norm_weight, eps)` per head).
+
+    Dims i and i + rotary_dim/2 (i < rotary_dim/2) of every head rotate by the angle of
+    `cos_sin_cache[positions[t]]`; dims past rotary_dim pass through (partial rotary). Products are
+    rounded to the dtype exactly as `x1*cos - x2*sin`, `x2*cos + x1*sin` in PyTorch (and transformers)
+    round them.
+
+    Args:
+        positions: [num_tokens] int32 or int64, each in [0, max_position). CPU raises ValueError for
+            others; CUDA leaves those tokens untouched (it never reads positions on the host).
+        query: [num_tokens, num_heads, head_dim]; any strides with a unit last stride (e.g. a view of a
+            fused qkv projection output); float32, float16 or bfloat16.
+        key: [num_tokens, num_kv_heads, head_dim]; like query, same dtype and device; must not overlap it.
+        cos_sin_cache: [max_position, rotary_dim] = [cos | sin] of each position (RotaryEmbedding's
+            table), query's dtype and device, unit last stride.
+        rotary_dim: even, in (0, head_dim].
+        q_norm_weight, k_norm_weight: both None, or both [head_dim] contiguous of query's dtype.
+        eps: the q/k norm's epsilon.
+    """
+    _check_float("query", query)
+    _check_like("key", key, query, "query", same_shape=False)
+    _check_like("cos_sin_cache", cos_sin_cache, query, "query", same_shape=False)
+    check_tensor("positions", positions)
+    for name, t in (("query", query), ("key", key)):
+        if t.dim() != 3:
+            raise ValueError(
+                f"{name} must be 3-D [num_tokens, num_heads, head_dim], got shape {tuple(t.shape)}"
+            )
+        if t.stride(2) != 1:
+            raise ValueError(
+                f"{name} must be contiguous in its last (head_dim) dimension (strides {t.stride()})"
+            )
+    num_tokens, _, head_dim = query.shape
+    if key.shape[0] != num_tokens or key.shape[2] != head_dim:
+        raise ValueError(
+            f"key {tuple(key.shape)} must be [num_tokens={num_tokens}, num_kv_heads, head_dim={head_dim}]"
+        )
+    if positions.dtype not in _POSITION_DTYPES:
+        raise TypeError(f"positions has dtype {_name(positions.dtype)}; supported: int32, int64")
+    if positions.dim() != 1 or positions.shape[0] != num_tokens:
+        raise ValueError(f"positions must be [num_tokens={num_tokens}], got shape {tuple(positions.shape)}")
+    if positions.device != query.device:
+        raise ValueError(f"positions is on {positions.device} but query is on {query.device}")
+    if not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim must be an even int in (0, head_dim={head_dim}], got {rotary_dim!r}")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != rotary_dim or cos_sin_cache.stride(1) != 1:
+        raise ValueError(
+            f"cos_sin_cache must be [max_position, rotary_dim={rotary_dim}] with a unit last stride, "
+            f"got shape {tuple(cos_sin_cache.shape)} strides {cos_sin_cache.stride()}"
+        )
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("give both q_norm_weight and k_norm_weight, or neither")
+    qw = kw = None
+    if q_norm_weight is not None and k_norm_weight is not None:
+        qw = view(_check_weight("q_norm_weight", q_norm_weight, query, "query"))
+        kw = view(_check_weight("k_norm_weight", k_norm_weight, query, "query"))
+    if num_tokens == 0:
+        return
+    _C.rotary_embedding(
+        view(positions),
+        view(query),
+        view(key),
+        view(cos_sin_cache),
+        rotary_dim,
+        qw,
+        kw,
+        float(eps),
+        stream_of(query),
+    )
+
+
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU's gate on a fused [gate | up] projection: `silu(x[:, :d]) * x[:, d:]`, with silu's result
+    rounded to x's dtype before the product (as `F.silu(gate) * up` in PyTorch).
+
+    Args:
+        x: [num_tokens, 2 * d]; any row stride with a unit last stride; float32, float16 or bfloat16.
+        out: optional [num_tokens, d] of x's dtype and device, unit last stride.
+
+    Returns:
+        `out` (a new contiguous tensor when not given): [num_tokens, d].
+    """
+    _check_float("x", x)
+    if x.dim() != 2 or x.shape[1] % 2:
+        raise ValueError(f"x must be 2-D [num_tokens, 2 * d], got shape {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        raise ValueError(f"x must be contiguous in its last dimension (strides {x.stride()})")
+    num_tokens, d = x.shape[0], x.shape[1] // 2
+    if out is None:
+        out = torch.empty(num_tokens, d, dtype=x.dtype, device=x.device)
+    else:
+        _check_like("out", out, x, "x", same_shape=False)
+        if tuple(out.shape) != (num_tokens, d):
+            raise ValueError(f"out must be [num_tokens={num_tokens}, d={d}], got shape {tuple(out.shape)}")
+        if out.stride(1) != 1:
+            raise ValueError(f"out must be contiguous in its last dimension (strides {out.stride()})")
+    if out.numel():
+        _C.silu_and_mul(view(x), view(out), stream_of(x))
+    return out
