@@ -151,18 +151,14 @@ def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     add_engine_args(p, model_positional=True)
     p.set_defaults(func=run_serve)
-    try:
-        from tinyserve.server.cli import add_server_args
-    except ImportError:  # the server extra is not installed
-        return
+    from tinyserve.server.cli import add_server_args  # argparse only: the app loads in run_server
+
     add_server_args(p)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    try:
-        from tinyserve.server.cli import run_server
-    except ImportError as e:
-        raise ValueError(f"the server needs its dependencies: pip install 'tinyserve[server]' ({e})") from e
+    from tinyserve.server.cli import run_server
+
     return run_server(args, engine_config_from_args(args))
 
 
@@ -180,10 +176,8 @@ def add_bench(sub) -> None:
     t.add_argument("--warmup", type=int, default=1, help="warm-up requests before timing")
     t.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     t.set_defaults(func=run_bench_throughput)
-    try:
-        from tinyserve.server.bench import add_bench_serve_args
-    except ImportError:
-        return
+    from tinyserve.server.bench import add_bench_serve_args
+
     s = bench.add_parser("serve", help="benchmark a running server (Poisson arrivals, latency percentiles)")
     add_bench_serve_args(s)
 
