@@ -242,7 +242,8 @@ class Engine:
             request = Request(sub_id, prompt_ids, max_tokens, sampling_params=params, stop_token_ids=stop_ids)
             generator = None
             if params.seed is not None and not params.is_greedy:
-                generator = make_generator(params.seed + i, self.device)
+                # Sample i of n draws from seed + i (wrapped into the generator's 64-bit range).
+                generator = make_generator((params.seed + i) % 2**64, self.device)
             sample = _Sample(group, i, request, params, generator)
             if params.stop_list:
                 sample.stop = StopChecker(params.stop_list, params.include_stop_str_in_output)
