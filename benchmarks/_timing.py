@@ -9,7 +9,9 @@ from collections.abc import Callable
 import torch
 
 
-def time_cpu(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 5, min_seconds: float = 0.2) -> float:
+def time_cpu(
+    fn: Callable[[], object], *, warmup: int = 1, repeat: int = 5, min_seconds: float = 0.2
+) -> float:
     """Median wall time of fn() in seconds (repeats until min_seconds of samples, at least `repeat`)."""
     for _ in range(warmup):
         fn()
@@ -40,10 +42,9 @@ def time_cuda(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 20) ->
 
 def copy_bandwidth(device: str = "cuda", nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    seconds = time_cuda(lambda: dst.copy_(src), warmup=3, repeat=10)
-    del src, dst
+    buffers = [torch.empty(nbytes // 2, dtype=torch.uint8, device=device) for _ in range(2)]
+    seconds = time_cuda(lambda: buffers[1].copy_(buffers[0]), warmup=3, repeat=10)
+    buffers.clear()
     return nbytes / seconds
 
 

@@ -25,7 +25,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _timing import copy_bandwidth  # noqa: E402
-
 from tinyserve import LLM, SamplingParams  # noqa: E402
 from tinyserve.cli.commands import random_workload  # noqa: E402
 
@@ -83,8 +82,9 @@ def hf_baseline(batch: int, in_len: int, out_len: int) -> float:
     model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, min_new_tokens=4, **kw)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=out_len, min_new_tokens=out_len,
-                         **kw)
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=out_len, min_new_tokens=out_len, **kw
+    )
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     assert out.shape[1] == in_len + out_len
@@ -122,8 +122,10 @@ def harness_limit(prompts, max_tokens, steps: int, wbytes: int, kv_tok: int, bw:
         kv_tokens_read += n  # prefill: the prompt's K/V once
         kv_tokens_read += m * n + m * (m - 1) // 2  # decode token j reads n + j positions
     total = steps * wbytes + kv_tokens_read * kv_tok
-    note = (f"{steps} steps x {wbytes / 1e9:.3f} GB weights + {kv_tokens_read / 1e6:.1f}M token-reads x "
-            f"{kv_tok / 1e3:.1f} KB KV = {total / 1e9:.1f} GB over {bw / 1e12:.2f} TB/s")
+    note = (
+        f"{steps} steps x {wbytes / 1e9:.3f} GB weights + {kv_tokens_read / 1e6:.1f}M token-reads x "
+        f"{kv_tok / 1e3:.1f} KB KV = {total / 1e9:.1f} GB over {bw / 1e12:.2f} TB/s"
+    )
     return total / bw, note
 
 
@@ -149,13 +151,18 @@ def main() -> None:
 
     llm, startup = make_llm(QWEN, max_model_len=4096, enforce_eager=args.enforce_eager)
     results["qwen_startup_s"] = startup
-    print(f"TinyServe start-up (Qwen3-0.6B shape, dummy weights): {startup:.2f} s "
-          f"(engine: {llm.engine.startup_seconds:.2f} s), KV pool {llm.engine.kv_pool_tokens} tokens", flush=True)
+    print(
+        f"TinyServe start-up (Qwen3-0.6B shape, dummy weights): {startup:.2f} s "
+        f"(engine: {llm.engine.startup_seconds:.2f} s), KV pool {llm.engine.kv_pool_tokens} tokens",
+        flush=True,
+    )
     # warm-up request, as in the vLLM figure
     llm.generate([{"prompt_token_ids": [5] * 32}], SamplingParams(max_tokens=16), use_tqdm=False)
 
     fixed_prompts = random_workload(64, (512, 512), (256, 256), 10000, 0)[0]
-    sec, outs = timed_generate(llm, fixed_prompts, SamplingParams(temperature=0, max_tokens=256, ignore_eos=True))
+    sec, outs = timed_generate(
+        llm, fixed_prompts, SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
+    )
     fixed_tps = 64 * 256 / sec
     results["tinyserve_fixed_tok_s"] = fixed_tps
     print(f"TinyServe, 64 x (512 in, 256 out): {fixed_tps:.0f} output tok/s", flush=True)
@@ -168,11 +175,18 @@ def main() -> None:
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     harness_tps = n_out / sec
     limit_s, note = harness_limit(prompts, max_tokens, steps, weight_bytes(llm), kv_bytes_per_token(llm), bw)
-    results.update(harness_tok_s=harness_tps, harness_seconds=sec, harness_steps=steps,
-                   harness_limit_s=limit_s, harness_limit_note=note,
-                   preemptions=llm.engine.stats().num_preemptions)
-    print(f"harness: {n_out} tokens in {sec:.2f} s = {harness_tps:.0f} tok/s; limit {limit_s:.2f} s ({note})",
-          flush=True)
+    results.update(
+        harness_tok_s=harness_tps,
+        harness_seconds=sec,
+        harness_steps=steps,
+        harness_limit_s=limit_s,
+        harness_limit_note=note,
+        preemptions=llm.engine.stats().num_preemptions,
+    )
+    print(
+        f"harness: {n_out} tokens in {sec:.2f} s = {harness_tps:.0f} tok/s; limit {limit_s:.2f} s ({note})",
+        flush=True,
+    )
 
     tps_06, ttft_06 = single_stream(llm, 512, 256)
     results.update(qwen_single_tok_s=tps_06, qwen_single_ttft_s=ttft_06)
@@ -183,25 +197,55 @@ def main() -> None:
 
     tps_8b = None
     if not args.skip_8b:
-        llm8, startup8 = make_llm(LLAMA8B, max_model_len=2048, max_num_seqs=8, enforce_eager=args.enforce_eager)
+        llm8, startup8 = make_llm(
+            LLAMA8B, max_model_len=2048, max_num_seqs=8, enforce_eager=args.enforce_eager
+        )
         tps_8b, ttft_8b = single_stream(llm8, 512, 256)
         wb_8b = weight_bytes(llm8)
-        results.update(llama8b_single_tok_s=tps_8b, llama8b_ttft_s=ttft_8b, llama8b_weight_bytes=wb_8b,
-                       llama8b_startup_s=startup8)
+        results.update(
+            llama8b_single_tok_s=tps_8b,
+            llama8b_ttft_s=ttft_8b,
+            llama8b_weight_bytes=wb_8b,
+            llama8b_startup_s=startup8,
+        )
         print(f"single stream Llama-3-8B: {tps_8b:.1f} tok/s (limit {bw / wb_8b:.1f})", flush=True)
         del llm8
         free()
 
-    rows.append(("offline harness (256 req)", f"{harness_tps:,.0f} tok/s",
-                 f"{n_out / limit_s:,.0f} tok/s traffic limit", f"{limit_s / sec:.0%} of limit"))
+    rows.append(
+        (
+            "offline harness (256 req)",
+            f"{harness_tps:,.0f} tok/s",
+            f"{n_out / limit_s:,.0f} tok/s traffic limit",
+            f"{limit_s / sec:.0%} of limit",
+        )
+    )
     if hf_tps:
-        rows.append(("fixed 64x(512,256) vs HF", f"{fixed_tps:,.0f} tok/s", f"HF {hf_tps:,.0f} tok/s",
-                     f"{fixed_tps / hf_tps:.1f}x HF"))
+        rows.append(
+            (
+                "fixed 64x(512,256) vs HF",
+                f"{fixed_tps:,.0f} tok/s",
+                f"HF {hf_tps:,.0f} tok/s",
+                f"{fixed_tps / hf_tps:.1f}x HF",
+            )
+        )
     if tps_8b:
-        rows.append(("single stream Llama-3-8B", f"{tps_8b:.1f} tok/s", f"{bw / wb_8b:.1f} tok/s weight limit",
-                     f"{tps_8b * wb_8b / bw:.0%} of limit"))
-    rows.append(("single stream Qwen3-0.6B", f"{tps_06:,.0f} tok/s", f"{bw / wb_06:,.0f} tok/s weight limit",
-                 f"{tps_06 * wb_06 / bw:.0%}; goal 1,500"))
+        rows.append(
+            (
+                "single stream Llama-3-8B",
+                f"{tps_8b:.1f} tok/s",
+                f"{bw / wb_8b:.1f} tok/s weight limit",
+                f"{tps_8b * wb_8b / bw:.0%} of limit",
+            )
+        )
+    rows.append(
+        (
+            "single stream Qwen3-0.6B",
+            f"{tps_06:,.0f} tok/s",
+            f"{bw / wb_06:,.0f} tok/s weight limit",
+            f"{tps_06 * wb_06 / bw:.0%}; goal 1,500",
+        )
+    )
     print(f"\n## Headline benchmarks — {card}, copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
     print("| benchmark | TinyServe | limit / baseline | ratio |")
     print("|---|---|---|---|")

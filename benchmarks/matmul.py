@@ -17,7 +17,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import device_name, time_cpu, time_cuda  # noqa: E402
-
 from tinyserve import ops  # noqa: E402
 
 
@@ -33,7 +32,9 @@ def fmt(seconds: float | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 4096])
     parser.add_argument("--cpu-max", type=int, default=4096, help="skip CPU timings above this n")
     args = parser.parse_args()
@@ -61,14 +62,34 @@ def main() -> None:
         rows.append((n, ours_cpu, torch_cpu, ours_gpu, cublas, all(equal)))
 
     print(f"\nmatmul, float32, device: {device_name()}, CPU threads: {torch.get_num_threads()}")
-    head = ("n", "ours CPU", "torch CPU", "CPU ratio", "ours GPU", "cuBLAS", "GPU ratio", "GPU TFLOP/s", "equal")
+    head = (
+        "n",
+        "ours CPU",
+        "torch CPU",
+        "CPU ratio",
+        "ours GPU",
+        "cuBLAS",
+        "GPU ratio",
+        "GPU TFLOP/s",
+        "equal",
+    )
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for n, oc, tc, og, cb, eq in rows:
         cpu_ratio = f"{oc / tc:.2f}x" if oc and tc else "-"
         gpu_ratio = f"{og / cb:.2f}x" if og and cb else "-"
         tflops = f"{2 * n**3 / og / 1e12:.1f}" if og else "-"
-        cells = (str(n), fmt(oc), fmt(tc), cpu_ratio, fmt(og), fmt(cb), gpu_ratio, tflops, f"Results are equal: {eq}")
+        cells = (
+            str(n),
+            fmt(oc),
+            fmt(tc),
+            cpu_ratio,
+            fmt(og),
+            fmt(cb),
+            gpu_ratio,
+            tflops,
+            f"Results are equal: {eq}",
+        )
         print("| " + " | ".join(cells) + " |")
 
 

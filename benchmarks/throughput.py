@@ -19,7 +19,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import device_name  # noqa: E402
-
 from tinyserve import LLM, SamplingParams  # noqa: E402
 from tinyserve.cli.commands import random_workload  # noqa: E402
 
@@ -29,7 +28,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def hf_tok_s(model_path: str, dummy: bool, device: str, dtype: torch.dtype, prompts: list[list[int]], out_len: int):
+def hf_tok_s(
+    model_path: str, dummy: bool, device: str, dtype: torch.dtype, prompts: list[list[int]], out_len: int
+):
     import transformers
 
     if dummy:
@@ -40,10 +41,15 @@ def hf_tok_s(model_path: str, dummy: bool, device: str, dtype: torch.dtype, prom
         model = transformers.AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype)
     model = model.to(device).eval()
     ids = torch.tensor(prompts, device=device)
-    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=out_len, min_new_tokens=out_len)
+    kw = dict(
+        do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=out_len, min_new_tokens=out_len
+    )
     with torch.inference_mode():
-        model.generate(ids[:1, :8], attention_mask=torch.ones_like(ids[:1, :8]), **{**kw, "max_new_tokens": 2,
-                                                                                   "min_new_tokens": 2})
+        model.generate(
+            ids[:1, :8],
+            attention_mask=torch.ones_like(ids[:1, :8]),
+            **{**kw, "max_new_tokens": 2, "min_new_tokens": 2},
+        )
         sync(device)
         t0 = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
@@ -70,8 +76,14 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
 
-    llm = LLM(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
-              skip_tokenizer_init=True, max_model_len=args.max_model_len)
+    llm = LLM(
+        args.model,
+        load_format=args.load_format,
+        device=args.device,
+        dtype=args.dtype,
+        skip_tokenizer_init=True,
+        max_model_len=args.max_model_len,
+    )
     device = str(llm.engine.device)
     dtype = llm.engine.dtype
     vocab = llm.engine.arch.vocab_size
@@ -86,7 +98,9 @@ def main() -> None:
     sync(device)
     ours_fixed = args.batch * args.output_len / (time.perf_counter() - t0)
 
-    prompts, max_tokens = random_workload(args.num_prompts, args.input_len_range, args.output_len_range, max_id, 0)
+    prompts, max_tokens = random_workload(
+        args.num_prompts, args.input_len_range, args.output_len_range, max_id, 0
+    )
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in max_tokens]
     sync(device)
     t0 = time.perf_counter()
@@ -96,8 +110,11 @@ def main() -> None:
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     del llm
 
-    hf = None if args.skip_hf else hf_tok_s(args.model, args.load_format == "dummy", device, dtype, fixed,
-                                            args.output_len)
+    hf = (
+        None
+        if args.skip_hf
+        else hf_tok_s(args.model, args.load_format == "dummy", device, dtype, fixed, args.output_len)
+    )
     name = device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n## Throughput: {Path(args.model).name}, {str(dtype).removeprefix('torch.')}, {name}")
     print("| workload | TinyServe output tok/s | HF transformers output tok/s | ratio |")
@@ -107,8 +124,9 @@ def main() -> None:
         print(f"| {fixed_name} | {ours_fixed:,.0f} | {hf:,.0f} | {ours_fixed / hf:.1f}x |")
     else:
         print(f"| {fixed_name} | {ours_fixed:,.0f} | - | - |")
-    random_name = (f"{args.num_prompts} random prompts, in {args.input_len_range}, out {args.output_len_range}, "
-                   f"T=0.6")
+    random_name = (
+        f"{args.num_prompts} random prompts, in {args.input_len_range}, out {args.output_len_range}, T=0.6"
+    )
     print(f"| {random_name} | {n_out / seconds:,.0f} ({seconds:.2f} s) | - | - |")
 
 

@@ -162,9 +162,16 @@ class EngineConfig:
             _check_int("EngineConfig", "max_model_len", self.max_model_len, minimum=2)
         _check_int("EngineConfig", "block_size", self.block_size, minimum=8, maximum=256)
         if self.block_size & (self.block_size - 1):
-            raise ValueError(f"EngineConfig.block_size must be a power of two in [8, 256], got {self.block_size}")
+            raise ValueError(
+                f"EngineConfig.block_size must be a power of two in [8, 256], got {self.block_size}"
+            )
         _check_float(
-            "EngineConfig", "gpu_memory_utilization", self.gpu_memory_utilization, low=0.0, high=1.0, low_open=True
+            "EngineConfig",
+            "gpu_memory_utilization",
+            self.gpu_memory_utilization,
+            low=0.0,
+            high=1.0,
+            low_open=True,
         )
         if self.num_kv_blocks is not None:
             _check_int("EngineConfig", "num_kv_blocks", self.num_kv_blocks, minimum=1)

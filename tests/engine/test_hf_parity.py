@@ -17,9 +17,15 @@ NEW_TOKENS = 16
 
 def _hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -30,8 +36,13 @@ def test_family_greedy_matches_transformers(family, tmp_path):
     rng = random.Random(family)
     prompts = [[rng.randint(0, 996) for _ in range(rng.randint(1, 30))] for _ in range(4)]
     # The tiny checkpoints have no tokenizer; any tokenizer covering ids < 997 decodes their output.
-    llm = LLM(str(tmp_path), device="cpu", dtype="float32", tokenizer=str(MODELS_DIR / "llama2-tokenizer"),
-              max_num_seqs=4)
+    llm = LLM(
+        str(tmp_path),
+        device="cpu",
+        dtype="float32",
+        tokenizer=str(MODELS_DIR / "llama2-tokenizer"),
+        max_num_seqs=4,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
@@ -41,7 +52,9 @@ def test_family_greedy_matches_transformers(family, tmp_path):
 def test_stories260k_matches_transformers(stories260k_path, stories_llm):
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(stories260k_path), torch_dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(stories260k_path), torch_dtype=torch.float32
+    ).eval()
     rng = random.Random(12)
     prompts = [[1] + [rng.randint(3, 511) for _ in range(rng.randint(1, 40))] for _ in range(6)]
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)

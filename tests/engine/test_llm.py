@@ -34,7 +34,9 @@ def test_stories_reference_greedy(stories_llm, stories_reference):
 
 def test_stories_stops_on_generation_config_eos(stories_llm):
     # generation_config.json lists eos [2, 1]: the story ends with BOS (id 1) as its 342nd token.
-    out = stories_llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=400), use_tqdm=False)[0]
+    out = stories_llm.generate(
+        "Once upon a time", SamplingParams(temperature=0, max_tokens=400), use_tqdm=False
+    )[0]
     c = out.outputs[0]
     assert c.finish_reason == "stop"
     assert len(c.token_ids) == 342 and c.token_ids[-1] == 1
@@ -94,8 +96,9 @@ def test_seed_is_independent_of_the_batch(stories_llm):
     alone = stories_llm.generate(_ids([prompt]), seeded, use_tqdm=False)[0].outputs[0].token_ids
     others = _random_prompts(5, seed=5)
     noisy = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
-    outs = stories_llm.generate(_ids(others[:2] + [prompt] + others[2:]), [noisy, noisy, seeded, noisy, noisy, noisy],
-                                use_tqdm=False)
+    outs = stories_llm.generate(
+        _ids(others[:2] + [prompt] + others[2:]), [noisy, noisy, seeded, noisy, noisy, noisy], use_tqdm=False
+    )
     assert outs[2].outputs[0].token_ids == alone
     again = stories_llm.generate(_ids([prompt]), seeded, use_tqdm=False)[0].outputs[0].token_ids
     assert again == alone
@@ -107,7 +110,9 @@ def test_stop_string_cut_from_output(stories_llm, stories_reference):
     out = stories_llm.generate(stories_reference["prompt"], params, use_tqdm=False)[0].outputs[0]
     assert out.text == text[: text.index("little girl")]
     assert out.finish_reason == "stop" and out.stop_reason == "little girl"
-    params = SamplingParams(temperature=0, max_tokens=64, stop=["little girl"], include_stop_str_in_output=True)
+    params = SamplingParams(
+        temperature=0, max_tokens=64, stop=["little girl"], include_stop_str_in_output=True
+    )
     out = stories_llm.generate(stories_reference["prompt"], params, use_tqdm=False)[0].outputs[0]
     assert out.text == text[: text.index("little girl") + len("little girl")]
 
@@ -185,8 +190,14 @@ def test_bad_requests_leave_nothing_behind(stories_llm):
 def test_no_block_leaked_after_many_random_requests(stories260k_path):
     from tinyserve import LLM
 
-    llm = LLM(str(stories260k_path), device="cpu", dtype="float32", num_kv_blocks=40, max_num_seqs=16,
-              max_num_batched_tokens=64)
+    llm = LLM(
+        str(stories260k_path),
+        device="cpu",
+        dtype="float32",
+        num_kv_blocks=40,
+        max_num_seqs=16,
+        max_num_batched_tokens=64,
+    )
     rng = random.Random(9)
     prompts, params = [], []
     for _ in range(1000):

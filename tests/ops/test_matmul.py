@@ -58,7 +58,12 @@ def test_matmul_cpu_empty_k():
 @pytest.mark.parametrize(
     "a,b,exc,match",
     [
-        (torch.randn(3, 4), torch.randn(5, 6), ValueError, "a.shape\\[1\\] \\(4\\) must equal b.shape\\[0\\] \\(5\\)"),
+        (
+            torch.randn(3, 4),
+            torch.randn(5, 6),
+            ValueError,
+            "a.shape\\[1\\] \\(4\\) must equal b.shape\\[0\\] \\(5\\)",
+        ),
         (torch.randn(3), torch.randn(3, 2), ValueError, "must be 2-D"),
         (torch.randn(2, 3, 4), torch.randn(4, 2), ValueError, "must be 2-D"),
         (torch.randn(3, 4), torch.randn(4, 2, dtype=torch.float64), TypeError, "same dtype"),

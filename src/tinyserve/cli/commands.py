@@ -70,14 +70,23 @@ def run_generate(args: argparse.Namespace) -> int:
     outputs = llm.generate(args.prompts, params, use_tqdm=False)
     for out in outputs:
         if args.json:
-            print(json.dumps({
-                "prompt": out.prompt,
-                "prompt_token_ids": out.prompt_token_ids,
-                "outputs": [
-                    {"index": c.index, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
-                    for c in out.outputs
-                ],
-            }))
+            print(
+                json.dumps(
+                    {
+                        "prompt": out.prompt,
+                        "prompt_token_ids": out.prompt_token_ids,
+                        "outputs": [
+                            {
+                                "index": c.index,
+                                "text": c.text,
+                                "token_ids": c.token_ids,
+                                "finish_reason": c.finish_reason,
+                            }
+                            for c in out.outputs
+                        ],
+                    }
+                )
+            )
             continue
         for c in out.outputs:
             tag = f"[{c.index}] " if len(out.outputs) > 1 else ""
@@ -135,7 +144,7 @@ def run_chat(args: argparse.Namespace) -> int:
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     new = out.outputs[0].text
-                    print(new[len(reply):], end="", flush=True)
+                    print(new[len(reply) :], end="", flush=True)
                     reply = new
         except KeyboardInterrupt:
             engine.abort_request(request_id)
@@ -206,11 +215,17 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     llm = LLM.from_config(config)
     vocab = llm.engine.arch.vocab_size
     prompts, max_tokens = random_workload(
-        args.num_prompts, args.input_len_range, args.output_len_range, min(args.max_token_id, vocab - 1), args.seed
+        args.num_prompts,
+        args.input_len_range,
+        args.output_len_range,
+        min(args.max_token_id, vocab - 1),
+        args.seed,
     )
     params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=m) for m in max_tokens]
     if args.warmup:
-        llm.generate([{"prompt_token_ids": [1, 2, 3]}] * args.warmup, SamplingParams(max_tokens=8), use_tqdm=False)
+        llm.generate(
+            [{"prompt_token_ids": [1, 2, 3]}] * args.warmup, SamplingParams(max_tokens=8), use_tqdm=False
+        )
     sync = _device_sync(llm)
     sync()
     start = time.perf_counter()
@@ -239,7 +254,9 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     print(f"  requests/s:       {result['requests_per_s']:.2f}")
     print(f"  input tok/s:      {result['input_tok_per_s']:.1f}")
     print(f"  output tok/s:     {result['output_tok_per_s']:.1f}")
-    print(f"  total seconds:    {seconds:.2f}  ({len(prompts)} requests, {num_in} prompt + {num_out} output tokens)")
+    print(
+        f"  total seconds:    {seconds:.2f}  ({len(prompts)} requests, {num_in} prompt + {num_out} output tokens)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

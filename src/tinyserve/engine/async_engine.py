@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from tinyserve.config import EngineConfig
 from tinyserve.sampling_params import SamplingParams
+from tinyserve.tokenizer import IncrementalDetokenizer
 
 from .engine import Engine, EngineStats
 from .outputs import RequestOutput
@@ -55,9 +56,19 @@ class RequestStream:
     of every delivered step (for inter-token latency); `arrival_time` is when the stream was created.
     """
 
-    def __init__(self, request_id: str, *, stream: bool) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        *,
+        stream: bool,
+        detokenizer: Callable[[], IncrementalDetokenizer] | None = None,
+    ) -> None:
         self.request_id = request_id
         self.stream = stream
+        # A streamed request without stop strings is decoded here, on the event loop, while the
+        # engine thread runs the next step (the engine would otherwise decode on the step's path).
+        self._new_detokenizer = detokenizer
+        self._detoks: dict[int, IncrementalDetokenizer] = {}
         self.arrival_time = time.monotonic()
         self.step_times: list[float] = []
         self.finished = False  # the consumer has seen the final output (or an error)
@@ -97,7 +108,22 @@ class RequestStream:
             raise self._error
         if latest.finished:
             self.finished = True
+        if self._new_detokenizer is not None:
+            self._decode(latest)
         return latest
+
+    def _decode(self, output: RequestOutput) -> None:
+        """Fill each sample's text from its token ids (the engine left it empty)."""
+        for c in output.outputs:
+            detok = self._detoks.get(c.index)
+            if detok is None:
+                detok = self._detoks[c.index] = self._new_detokenizer()  # type: ignore[misc]
+            seen = detok.num_tokens_seen
+            if len(c.token_ids) > seen:
+                detok.add_tokens(c.token_ids[seen:])
+            if c.finished:
+                detok.flush()
+            c.text = detok.output_text
 
 
 # ---- commands to the engine thread ---------------------------------------------------------------
@@ -243,7 +269,9 @@ class AsyncEngine:
         self._check_open()
         assert self._loop is not None
         rid = request_id or self.new_request_id()
-        s = RequestStream(rid, stream=stream)
+        s = RequestStream(
+            rid, stream=stream, detokenizer=self._stream_detokenizer(prompt_token_ids, params, stream)
+        )
         accepted: asyncio.Future[None] = self._loop.create_future()
         self._live[rid] = s  # before the command: its first output may arrive before we resume
         self._commands.put(_Add(s, list(prompt_token_ids), params, prompt, accepted))
@@ -332,6 +360,22 @@ class AsyncEngine:
             self._send(replies)
         return keep_going
 
+    def _stream_detokenizer(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, stream: bool
+    ) -> Callable[[], IncrementalDetokenizer] | None:
+        """For a stream without stop strings: decode on the event loop (see RequestStream)."""
+        tokenizer = self.engine.tokenizer
+        if not stream or params.stop_list or tokenizer is None:
+            return None
+        context = list(prompt_token_ids)
+
+        def make() -> IncrementalDetokenizer:
+            return IncrementalDetokenizer(
+                tokenizer, prompt_token_ids=context, skip_special_tokens=params.skip_special_tokens
+            )
+
+        return make
+
     def _handle(self, command: object, replies: _Replies) -> None:
         engine = self.engine
         if isinstance(command, _Add):
@@ -363,6 +407,7 @@ class AsyncEngine:
                 command.params,
                 prompt=command.prompt,
                 stream=command.stream.stream,
+                detokenize=command.stream._new_detokenizer is None,
             )
         except ValueError as e:
             return e

@@ -37,11 +37,23 @@ class _Sample:
     """Engine-side state of one sample (one scheduler Request) of a user request."""
 
     __slots__ = (
-        "group", "index", "request", "params", "state", "detok", "stop", "logprobs",
-        "cumulative_logprob", "finish_reason", "stop_reason", "text",
+        "group",
+        "index",
+        "request",
+        "params",
+        "state",
+        "detok",
+        "stop",
+        "logprobs",
+        "cumulative_logprob",
+        "finish_reason",
+        "stop_reason",
+        "text",
     )
 
-    def __init__(self, group: _Group, index: int, request: Request, params: SamplingParams, generator) -> None:
+    def __init__(
+        self, group: _Group, index: int, request: Request, params: SamplingParams, generator
+    ) -> None:
         self.group = group
         self.index = index
         self.request = request
@@ -60,14 +72,26 @@ class _Sample:
 class _Group:
     """A user request: its prompt and its n samples."""
 
-    __slots__ = ("request_id", "prompt", "prompt_token_ids", "samples", "stream", "metrics", "num_unfinished")
+    __slots__ = (
+        "request_id",
+        "prompt",
+        "prompt_token_ids",
+        "samples",
+        "stream",
+        "detokenize",
+        "metrics",
+        "num_unfinished",
+    )
 
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], stream: bool) -> None:
+    def __init__(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], stream: bool, detokenize: bool
+    ) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.samples: list[_Sample] = []
         self.stream = stream
+        self.detokenize = detokenize
         self.metrics = RequestMetrics(arrival_time=time.monotonic())
         self.num_unfinished = 0
 
@@ -149,8 +173,14 @@ class Engine:
         self.startup_seconds = time.perf_counter() - t0
         logger.info(
             "engine ready: %s on %s (%s), KV pool %d blocks x %d = %d tokens; load %.2fs, graphs %.2fs",
-            config.model, self.device, str(self.dtype).removeprefix("torch."), num_blocks,
-            config.block_size, num_blocks * config.block_size, load_s, graph_s,
+            config.model,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            num_blocks,
+            config.block_size,
+            num_blocks * config.block_size,
+            load_s,
+            graph_s,
         )
         self._groups: dict[str, _Group] = {}
         self._samples: dict[str, _Sample] = {}  # scheduler request id -> sample
@@ -212,7 +242,9 @@ class Engine:
                 "shorten the prompt or lower max_tokens"
             )
         if self.tokenizer is None and params.stop_list:
-            raise ValueError("stop strings need a tokenizer; this engine runs without one (skip_tokenizer_init)")
+            raise ValueError(
+                "stop strings need a tokenizer; this engine runs without one (skip_tokenizer_init)"
+            )
         if params.logprobs is not None and params.logprobs > vocab:
             raise ValueError(f"logprobs must be <= the vocabulary size ({vocab}), got {params.logprobs}")
         return max_tokens
@@ -225,9 +257,13 @@ class Engine:
         *,
         prompt: str | None = None,
         stream: bool = False,
+        detokenize: bool = True,
     ) -> None:
         """Queue a request (n samples). `stream`: produce a RequestOutput after every step with new
-        text (the server); otherwise only when the request finishes (LLM.generate)."""
+        tokens (the server); otherwise only when the request finishes (LLM.generate).
+
+        detokenize=False: the engine leaves `text` empty (unless stop strings need it) and the caller
+        decodes `token_ids` itself — the server does so on its event loop, off the step loop."""
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_ids = list(prompt_token_ids)
@@ -235,7 +271,7 @@ class Engine:
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop_ids.update(self.eos_token_ids)
-        group = _Group(request_id, prompt, prompt_ids, stream)
+        group = _Group(request_id, prompt, prompt_ids, stream, detokenize)
         samples = []
         for i in range(params.n):
             sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -247,9 +283,13 @@ class Engine:
             sample = _Sample(group, i, request, params, generator)
             if params.stop_list:
                 sample.stop = StopChecker(params.stop_list, params.include_stop_str_in_output)
-            if (stream or params.stop_list) and self.tokenizer is not None:
+            # Stop strings are checked here, so they need the text each step; plain streams only
+            # when the caller wants the engine to decode.
+            if self.tokenizer is not None and (params.stop_list or (stream and detokenize)):
                 sample.detok = IncrementalDetokenizer(
-                    self.tokenizer, prompt_token_ids=prompt_ids, skip_special_tokens=params.skip_special_tokens
+                    self.tokenizer,
+                    prompt_token_ids=prompt_ids,
+                    skip_special_tokens=params.skip_special_tokens,
                 )
             samples.append(sample)
         # All-or-nothing: the scheduler may reject one (too large for the pool) before any is queued.
@@ -370,7 +410,7 @@ class Engine:
             last = request.output_token_ids[-1] if request.output_token_ids else None
             if last is not None and last in request.stop_token_ids and last not in self.eos_token_ids:
                 sample.stop_reason = last
-        if sample.detok is None:
+        if sample.detok is None and sample.group.detokenize:
             sample.text = self._decode_output(sample)
         self._samples.pop(request.request_id, None)
         sample.group.num_unfinished -= 1
@@ -388,7 +428,9 @@ class Engine:
             return tok.decode(out_ids, skip_special_tokens=skip)
         prefix = tok.decode(context, skip_special_tokens=skip)
         full = tok.decode(context + out_ids, skip_special_tokens=skip)
-        return full[len(prefix):] if full.startswith(prefix) else tok.decode(out_ids, skip_special_tokens=skip)
+        return (
+            full[len(prefix) :] if full.startswith(prefix) else tok.decode(out_ids, skip_special_tokens=skip)
+        )
 
     def _record_logprobs(self, sample: _Sample, lp, row: int) -> None:
         n = sample.params.logprobs or 0
@@ -414,7 +456,8 @@ class Engine:
                 CompletionOutput(
                     index=s.index,
                     text=s.text,
-                    token_ids=list(s.request.output_token_ids),
+                    # NOTE: the request's live list (it only grows, and not after the request finishes).
+                    token_ids=s.request.output_token_ids,
                     finish_reason=s.finish_reason,
                     stop_reason=s.stop_reason,
                     logprobs=list(s.logprobs) if s.logprobs is not None else None,

@@ -129,7 +129,9 @@ class LLM:
                 conversation, add_generation_prompt=add_generation_prompt, chat_template=chat_template
             )
             # The template already holds BOS where the model wants one.
-            prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+            prompts.append(
+                {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+            )
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _encode(self, text: str) -> list[int]:

@@ -22,7 +22,8 @@ SampleLogprobs = list[dict[int, Logprob]]
 class CompletionOutput:
     """One sample of a request.
 
-    index: which of the request's n samples. text / token_ids: the generated part only.
+    index: which of the request's n samples. text / token_ids: the generated part only; while a
+        streamed request runs, token_ids is the engine's live list (it only grows).
     finish_reason: None while running, then "stop" (EOS, stop token or stop string), "length"
         (max_tokens or max_model_len) or "abort". stop_reason: the stop string or token id, if any.
     """

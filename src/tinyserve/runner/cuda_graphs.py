@@ -25,7 +25,9 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: LlamaForCausalLM, inputs: InputBatch, sizes: list[int], max_model_len: int) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, inputs: InputBatch, sizes: list[int], max_model_len: int
+    ) -> None:
         self.model = model
         self.inputs = inputs
         self.sizes = sizes
@@ -35,9 +37,7 @@ class DecodeGraphs:
         self.pool = None
         device = inputs.device
         self._arange = torch.arange(max(sizes) + 1, dtype=torch.int32, device=device)
-        self._block_tables = torch.zeros(
-            (max(sizes), inputs.width), dtype=torch.int32, device=device
-        )
+        self._block_tables = torch.zeros((max(sizes), inputs.width), dtype=torch.int32, device=device)
 
     def batch_size_for(self, num_seqs: int) -> int | None:
         i = bisect.bisect_left(self.sizes, num_seqs)

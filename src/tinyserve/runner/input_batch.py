@@ -15,6 +15,7 @@ cells is copied.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -173,4 +174,3 @@ class InputBatch:
             "seq_lens": d[self.off_seq_lens : self.off_seq_lens + batch_size],
             "block_table_rows": d[self.off_rows : self.off_rows + batch_size],
         }
-

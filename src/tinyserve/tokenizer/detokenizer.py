@@ -41,9 +41,12 @@ class IncrementalDetokenizer:
         self._read_offset = len(context)  # first id whose text has not been emitted
         self._prefix_text: str | None = None  # cache of decode(ids[prefix_offset:read_offset])
         self.output_text = ""  # everything emitted so far
+        self.num_tokens_seen = 0  # ids fed so far, skipped special ones included
 
     def add_tokens(self, token_ids: Iterable[int]) -> str:
         """Feed newly generated ids (one or several); returns the text they finalise (may be "")."""
+        token_ids = list(token_ids)
+        self.num_tokens_seen += len(token_ids)
         delta = "".join(self._add_one(t) for t in token_ids)
         self.output_text += delta
         return delta
