@@ -23,6 +23,7 @@ from tinyserve.config import EngineConfig
 logger = logging.getLogger("tinyserve.server")
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+SWITCH_INTERVAL_S = 0.0005
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +74,10 @@ def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # NOTE: the engine thread and the event loop share the GIL. With the default 5 ms switch
+    # interval a busy loop (hundreds of SSE writes per step) holds the engine thread off for whole
+    # intervals at a time; a short interval hands the GIL over as soon as the engine wants it.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     t0 = time.perf_counter()
     async_engine = AsyncEngine.from_config(engine_config, max_queue=args.max_queue)  # loads the model
     engine = async_engine.engine
