@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "half.h"
 
 namespace tinyserve::cpu {
 namespace {
@@ -24,79 +25,6 @@ constexpr int64_t kRowsPerItem = 16;  // query rows (token x head) per work item
 // waking an OpenMP team costs more than it saves, and far more on a busy machine.
 constexpr int64_t kParallelMinMacs = int64_t{1} << 19;
 
-// ---- 16-bit floats ---------------------------------------------------------------------------
-struct BF16 {
-  uint16_t bits;
-};
-struct F16 {
-  uint16_t bits;
-};
-
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-inline float to_float(float x) { return x; }
-inline float to_float(BF16 x) { return bits_to_float(uint32_t(x.bits) << 16); }
-inline float to_float(F16 x) {
-#ifdef __FLT16_MAX__
-  _Float16 h;
-  std::memcpy(&h, &x.bits, 2);
-  return static_cast<float>(h);
-#else
-  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16;
-  const uint32_t exp = (x.bits >> 10) & 0x1fu, mant = x.bits & 0x3ffu;
-  if (exp == 0) {  // zero or subnormal: mant * 2^-24
-    const float f = static_cast<float>(mant) * 5.9604644775390625e-8f;
-    return sign ? -f : f;
-  }
-  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (mant << 13));
-  return bits_to_float(sign | ((exp + 112) << 23) | (mant << 13));
-#endif
-}
-
-template <typename T>
-T from_float(float f);
-template <>
-inline float from_float<float>(float f) { return f; }
-template <>
-inline BF16 from_float<BF16>(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t u = float_to_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return BF16{static_cast<uint16_t>((u >> 16) | 0x40u)};
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return BF16{static_cast<uint16_t>(u >> 16)};
-}
-template <>
-inline F16 from_float<F16>(float f) {
-#ifdef __FLT16_MAX__
-  const _Float16 h = static_cast<_Float16>(f);
-  F16 r;
-  std::memcpy(&r.bits, &h, 2);
-  return r;
-#else
-  // Round to nearest even, with overflow to inf and gradual underflow.
-  const uint32_t u = float_to_bits(f);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-  const uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return F16{static_cast<uint16_t>(sign | 0x7e00u)};
-  if (abs >= 0x477ff000u) return F16{static_cast<uint16_t>(sign | 0x7c00u)};  // rounds past 65504
-  if (abs < 0x38800000u) {  // below the smallest normal half: scale into the subnormal range
-    const float scaled = bits_to_float(abs) * 16777216.f;  // 2^24: one unit = the smallest subnormal
-    return F16{static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(scaled)))};
-  }
-  uint32_t h = ((abs >> 13) - (112u << 10));
-  const uint32_t rest = abs & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
-  return F16{static_cast<uint16_t>(sign | h)};
-#endif
-}
 
 template <typename T>
 inline void row_to_float(const T* __restrict src, float* __restrict dst, int64_t n) {
