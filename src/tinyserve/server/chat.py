@@ -13,14 +13,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import Response
 
 from tinyserve.engine import RequestOutput
 
 from . import sse
-from .errors import error_from_exception
-from .generation import ClientDisconnected, Generation
+from .generation import Generation, respond
 from .inputs import chat_sampling_params, check_fits, check_model, render_chat
 from .logprobs import chat_logprobs
 from .protocol import ChatCompletionRequest
@@ -41,20 +39,13 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     gen = await Generation.start(state, request_id, [prompt], params, stream=req.stream)
     created = int(time.time())
-    if req.stream:
-        return StreamingResponse(
-            _chunks(gen, req, created),
-            media_type=sse.MEDIA_TYPE,
-            headers=sse.HEADERS,
-            background=BackgroundTask(gen.close),
-        )
-    try:
-        finals = await gen.final_outputs(raw)
-    except ClientDisconnected:
-        return Response(status_code=499)
-    except Exception as e:  # noqa: BLE001 - engine-side failures become OpenAI errors
-        raise error_from_exception(e) from e
-    return Response(_response(gen, req, finals[0], created).model_dump_json(), media_type="application/json")
+    return await respond(
+        gen,
+        raw,
+        stream=req.stream,
+        chunks=lambda: _chunks(gen, req, created),
+        body=lambda finals: _response(gen, req, finals[0], created),
+    )
 
 
 def _top_n(req: ChatCompletionRequest) -> int:

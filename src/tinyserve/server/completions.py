@@ -7,14 +7,12 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import Response
 
 from tinyserve.engine import RequestOutput
 
 from . import sse
-from .errors import error_from_exception
-from .generation import ClientDisconnected, Generation
+from .generation import Generation, respond
 from .inputs import Prompt, check_fits, check_model, completion_prompts, completion_sampling_params
 from .logprobs import completion_logprobs
 from .protocol import CompletionRequest
@@ -31,21 +29,13 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     request_id = f"cmpl-{uuid.uuid4().hex}"
     gen = await Generation.start(state, request_id, prompts, params, stream=req.stream)
     created = int(time.time())
-    if req.stream:
-        return StreamingResponse(
-            _chunks(gen, req, created),
-            media_type=sse.MEDIA_TYPE,
-            headers=sse.HEADERS,
-            background=BackgroundTask(gen.close),
-        )
-    try:
-        finals = await gen.final_outputs(raw)
-    except ClientDisconnected:
-        return Response(status_code=499)
-    except Exception as e:  # noqa: BLE001 - engine-side failures become OpenAI errors
-        raise error_from_exception(e) from e
-    body = _response(gen, req, finals, created)
-    return Response(body.model_dump_json(), media_type="application/json")
+    return await respond(
+        gen,
+        raw,
+        stream=req.stream,
+        chunks=lambda: _chunks(gen, req, created),
+        body=lambda finals: _response(gen, req, finals, created),
+    )
 
 
 def _echo_text(state: ServerState, prompt: Prompt) -> str:

@@ -8,11 +8,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
 
 from tinyserve.engine import RequestOutput
 from tinyserve.engine.async_engine import RequestStream
 from tinyserve.sampling_params import SamplingParams
 
+from . import sse
 from .errors import error_from_exception
 from .inputs import Prompt
 from .state import ServerState
@@ -97,6 +101,29 @@ class Generation:
             return await run_until_disconnect(collect(), raw)
         finally:
             self.abort_unfinished()
+
+
+async def respond(
+    gen: Generation,
+    raw: Request,
+    *,
+    stream: bool,
+    chunks: Callable[[], AsyncIterator[str]],
+    body: Callable[[list[RequestOutput]], BaseModel],
+) -> Response:
+    """The HTTP response of a started generation: SSE `chunks()` when streaming (the generation is
+    aborted when the stream ends early), else the JSON `body(final outputs)`; 499 if the client left."""
+    if stream:
+        return StreamingResponse(
+            chunks(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS, background=BackgroundTask(gen.close)
+        )
+    try:
+        finals = await gen.final_outputs(raw)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    except Exception as e:  # noqa: BLE001 - engine-side failures become OpenAI errors
+        raise error_from_exception(e) from e
+    return Response(body(finals).model_dump_json(), media_type="application/json")
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
