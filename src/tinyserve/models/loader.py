@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tinyserve.config import LOAD_FORMATS
 from tinyserve.layers.linear import MergedLinear
 from tinyserve.layers.norm import RMSNorm
 
@@ -28,7 +29,6 @@ from .registry import get_model_class
 if TYPE_CHECKING:
     from .llama import LlamaForCausalLM
 
-LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 # Checkpoint tensors that carry no weights of ours (old Llama exports saved the RoPE table).
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
