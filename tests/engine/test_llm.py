@@ -224,3 +224,29 @@ def test_no_block_leaked_after_many_random_requests(stories260k_path):
         assert all(1 <= len(c.token_ids) <= p.max_tokens for c in o.outputs)
     stats = llm.engine.stats()
     assert stats.kv.num_used_blocks == 0 and stats.num_running == 0 and stats.num_waiting == 0
+
+
+def test_chunked_prefill_gives_same_outputs(stories260k_path, stories_llm):
+    from tinyserve import LLM
+
+    # A 20-token step budget: long prompts prefill in chunks, mixed with other requests' decodes.
+    prompts = _random_prompts(6, seed=10, lo=30, hi=90)
+    expected = [o.outputs[0].token_ids for o in stories_llm.generate(_ids(prompts), GREEDY, use_tqdm=False)]
+    small = LLM(str(stories260k_path), device="cpu", dtype="float32", max_num_seqs=4, max_num_batched_tokens=20)
+    got = [o.outputs[0].token_ids for o in small.generate(_ids(prompts), GREEDY, use_tqdm=False)]
+    assert got == expected
+
+
+def test_streaming_outputs_are_cumulative_and_end_with_the_final_text(stories_llm, stories_reference):
+    engine = stories_llm.engine
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    engine.add_request("stream-1", stories_reference["prompt_token_ids"], params, stream=True)
+    texts, lengths = [], []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            texts.append(out.outputs[0].text)
+            lengths.append(len(out.outputs[0].token_ids))
+    assert lengths == list(range(1, 31))
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+    full = stories_reference["greedy"]["continuation_text"]
+    assert full.startswith(texts[-1]) and len(texts[-1]) > 50
