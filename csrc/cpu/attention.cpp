@@ -20,6 +20,9 @@ namespace {
 
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kKeyTile = 64;     // key positions converted to float32 at once
+// Heads up to this size keep the key tile transposed (measured on a Zen 4 VM: head_dim 8 decode
+// 27 % faster; at 64 and 128 the transposed layout was slower).
+constexpr int64_t kTransposedKeysMaxDim = 16;
 constexpr int64_t kRowsPerItem = 16;  // query rows (token x head) per work item, prefill
 // Below this many multiply-adds (about 0.1 ms on one core) the work runs on the calling thread:
 // waking an OpenMP team costs more than it saves, and far more on a busy machine.
@@ -100,7 +103,8 @@ class PagedAttentionCpu {
   }
 
  private:
-  // Keys/values of positions [k0, k0 + n) of the sequence, as float32 rows.
+  // Keys/values of positions [k0, k0 + n) of the sequence in float32: values as [n][D] rows, keys
+  // likewise, or transposed to [D][kKeyTile] for small heads.
   void gather_tile(const WorkItem& w, int64_t k0, int64_t n, Scratch& sc) const {
     const int64_t D = s_.head_dim, bs = s_.block_size;
     const int32_t* table = a_.block_tables.ptr<const int32_t>() + w.seq * a_.block_tables.stride(0);
@@ -109,7 +113,12 @@ class PagedAttentionCpu {
       const int64_t pos = k0 + j, block = table[pos / bs], off = pos % bs;
       const T* k = kc.ptr<const T>() + block * kc.stride(0) + off * kc.stride(1) + w.kv_head * kc.stride(2);
       const T* v = vc.ptr<const T>() + block * vc.stride(0) + off * vc.stride(1) + w.kv_head * vc.stride(2);
-      row_to_float(k, sc.keys.data() + j * D, D);
+      if (D <= kTransposedKeysMaxDim) {
+        float* kt = sc.keys.data() + j;  // keys as [D][kKeyTile]: see update_row_impl
+        for (int64_t d = 0; d < D; ++d) kt[d * kKeyTile] = to_float(k[d]);
+      } else {
+        row_to_float(k, sc.keys.data() + j * D, D);
+      }
       row_to_float(v, sc.values.data() + j * D, D);
     }
   }
@@ -119,13 +128,28 @@ class PagedAttentionCpu {
                               const float* __restrict values, float* __restrict acc, float* __restrict scores,
                               float& m, float& l, int64_t valid, int64_t D) {
     float tile_max = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < valid; ++j) {
-      const float* k = keys + j * D;
-      float dot = 0.f;
+    if (D <= kTransposedKeysMaxDim) {
+      // Small heads: a dot product of a few elements per key would not vectorise; with the keys
+      // transposed, each of the D passes is one vector FMA over the tile's keys.
+#pragma omp simd
+      for (int64_t j = 0; j < valid; ++j) scores[j] = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float qd = q[d];
+        const float* kd = keys + d * kKeyTile;
+#pragma omp simd
+        for (int64_t j = 0; j < valid; ++j) scores[j] += qd * kd[j];
+      }
+#pragma omp simd reduction(max : tile_max)
+      for (int64_t j = 0; j < valid; ++j) tile_max = std::max(tile_max, scores[j]);
+    } else {
+      for (int64_t j = 0; j < valid; ++j) {
+        const float* k = keys + j * D;
+        float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
-      scores[j] = dot;
-      tile_max = std::max(tile_max, dot);
+        for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+        scores[j] = dot;
+        tile_max = std::max(tile_max, dot);
+      }
     }
     const float m_new = std::max(m, tile_max);
     if (m_new > m) {  // rescale what was accumulated under the old maximum
