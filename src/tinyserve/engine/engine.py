@@ -49,6 +49,7 @@ class _Sample:
         "finish_reason",
         "stop_reason",
         "text",
+        "quiet",
     )
 
     def __init__(
@@ -67,6 +68,8 @@ class _Sample:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.text = ""
+        # No per-token work (no stream, text, stop strings or logprobs): set once detok is known.
+        self.quiet = False
 
 
 class _Group:
@@ -291,6 +294,7 @@ class Engine:
                     prompt_token_ids=prompt_ids,
                     skip_special_tokens=params.skip_special_tokens,
                 )
+            sample.quiet = not stream and sample.detok is None and sample.logprobs is None
             samples.append(sample)
         # All-or-nothing: the scheduler may reject one (too large for the pool) before any is queued.
         for sample in samples:
@@ -359,9 +363,14 @@ class Engine:
         now = time.monotonic()
         touched: dict[str, _Group] = {}
         index_of = None
+        samples = self._samples
         for request in updated:
-            sample = self._samples.get(request.request_id)
+            sample = samples.get(request.request_id)
             if sample is None:
+                continue
+            # The hot path of offline batches: a quiet sample needs nothing between its first token
+            # (metrics) and its finish.
+            if sample.quiet and not request.is_finished and request.num_output_tokens > 1:
                 continue
             group = sample.group
             m = group.metrics
