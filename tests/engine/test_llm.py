@@ -250,3 +250,39 @@ def test_streaming_outputs_are_cumulative_and_end_with_the_final_text(stories_ll
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
     full = stories_reference["greedy"]["continuation_text"]
     assert full.startswith(texts[-1]) and len(texts[-1]) > 50
+
+
+@pytest.mark.parametrize("budget", [None, 24], ids=["whole", "chunked"])
+def test_prompt_logprobs_match_transformers(stories260k_path, budget):
+    import torch
+    import transformers
+
+    from tinyserve import LLM
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(stories260k_path), dtype=torch.float32).eval()
+    llm = LLM(str(stories260k_path), device="cpu", dtype="float32", max_num_seqs=4,
+              max_num_batched_tokens=budget)
+    prompts = _random_prompts(3, seed=11, lo=20, hi=60)
+    params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=4, ignore_eos=True, n=1)
+    # twice the same prompt: the second must not take the first's cached blocks and skip scoring
+    outs = llm.generate(_ids(prompts + prompts[:1]), params, use_tqdm=False)
+    for prompt, out in zip(prompts + prompts[:1], outs, strict=True):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0].double().log_softmax(-1)  # [len, vocab]
+        plp = out.prompt_logprobs
+        assert plp is not None and len(plp) == len(prompt) and plp[0] is None
+        for p in range(1, len(prompt)):
+            entry = plp[p]
+            target = prompt[p]
+            assert entry[target].logprob == pytest.approx(ref[p - 1, target].item(), abs=1e-4)
+            # rank = 1 + the tokens more likely; near-ties (within float noise) may fall either way
+            row, value = ref[p - 1], ref[p - 1, target]
+            assert int((row > value + 1e-4).sum()) + 1 <= entry[target].rank <= int((row > value - 1e-4).sum()) + 1
+            top = set(ref[p - 1].topk(4).indices.tolist())
+            assert top <= set(entry), f"position {p}: top-4 {top} not all in {set(entry)}"
+    assert llm.engine.stats().kv.num_used_blocks == 0
+
+
+def test_prompt_logprobs_bad_value(stories_llm):
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        stories_llm.generate("Once", SamplingParams(prompt_logprobs=10_000), use_tqdm=False)

@@ -107,3 +107,23 @@ def test_streaming_n_and_prompts(stories):
     assert sorted(finishes) == [0, 1, 2, 3] and all(len(f) == 1 for f in finishes.values())
     assert all(texts[i] for i in range(4))
     assert len({c.id for c in chunks}) == 1
+
+
+def test_echo_with_logprobs_scores_the_prompt(stories):
+    r = greedy(stories, max_tokens=4, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    prompt_ids = stories.completions.create(model=STORIES_NAME, prompt=PROMPT, max_tokens=1).usage
+    n_prompt = prompt_ids.prompt_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == n_prompt + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert all(1 <= len(top) <= 3 for top in lp.top_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset)
+    # the generated part equals what logprobs without echo reports
+    plain = greedy(stories, max_tokens=4, logprobs=2).choices[0].logprobs
+    assert lp.token_logprobs[n_prompt:] == plain.token_logprobs
+    # streamed: the first chunk carries the prompt's entries, and the values agree
+    stream = stories.completions.create(model=STORIES_NAME, prompt=PROMPT, max_tokens=4, temperature=0,
+                                        echo=True, logprobs=2, stream=True)
+    values = [v for chunk in stream for c in chunk.choices if c.logprobs for v in c.logprobs.token_logprobs]
+    assert values == lp.token_logprobs

@@ -19,7 +19,7 @@ from tinyserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from tinyserve.kv_cache import KVCacheManager, KVCacheStats
 from tinyserve.models.loader import load_model
 from tinyserve.request import Request, RequestStatus
-from tinyserve.runner import ModelRunner
+from tinyserve.runner import ModelRunner, PromptLogprobsRequest
 from tinyserve.sampling import RequestSamplingState, SamplingMetadata, make_generator
 from tinyserve.sampling_params import SamplingParams
 from tinyserve.scheduler import Scheduler
@@ -84,6 +84,8 @@ class _Group:
         "detokenize",
         "metrics",
         "num_unfinished",
+        "prompt_logprobs",
+        "prompt_logprobs_left",
     )
 
     def __init__(
@@ -95,6 +97,9 @@ class _Group:
         self.samples: list[_Sample] = []
         self.stream = stream
         self.detokenize = detokenize
+        # Prompt position -> {token id: Logprob}, entry 0 None (nothing scores the first token).
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+        self.prompt_logprobs_left = 0
         self.metrics = RequestMetrics(arrival_time=time.monotonic())
         self.num_unfinished = 0
 
@@ -191,6 +196,7 @@ class Engine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_steps = 0  # steps that ran the model
+        self._scoring_prompts: set[_Group] = set()  # groups whose prompt logprobs are incomplete
 
     # ---- properties ------------------------------------------------------------------------------
     @property
@@ -235,8 +241,10 @@ class Engine:
                 f"the prompt has {n} tokens, but max_model_len is {self.max_model_len}: "
                 "it must be shorter to leave room for at least one generated token"
             )
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported by this engine; leave it unset")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > vocab:
+            raise ValueError(
+                f"prompt_logprobs must be <= the vocabulary size ({vocab}), got {params.prompt_logprobs}"
+            )
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
         if n + max_tokens > self.max_model_len:
             raise ValueError(
@@ -275,10 +283,24 @@ class Engine:
         if not params.ignore_eos:
             stop_ids.update(self.eos_token_ids)
         group = _Group(request_id, prompt, prompt_ids, stream, detokenize)
+        cache_key = None
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None] * len(prompt_ids)
+            group.prompt_logprobs_left = len(prompt_ids) - 1
+            # Every prompt position must be computed once to be scored: no prefix hits from other
+            # requests (the samples of this one may share; sample 0 scores the prompt).
+            cache_key = ("prompt_logprobs", request_id, id(group))
         samples = []
         for i in range(params.n):
             sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            request = Request(sub_id, prompt_ids, max_tokens, sampling_params=params, stop_token_ids=stop_ids)
+            request = Request(
+                sub_id,
+                prompt_ids,
+                max_tokens,
+                sampling_params=params,
+                stop_token_ids=stop_ids,
+                cache_extra_keys=cache_key,
+            )
             generator = None
             if params.seed is not None and not params.is_greedy:
                 # Sample i of n draws from seed + i (wrapped into the generator's 64-bit range).
@@ -305,6 +327,8 @@ class Engine:
         group.samples = samples
         group.num_unfinished = len(samples)
         self._groups[request_id] = group
+        if group.prompt_logprobs_left > 0:
+            self._scoring_prompts.add(group)
         self.prompt_tokens_total += len(prompt_ids)
 
     def abort_request(self, request_id: str) -> bool:
@@ -312,6 +336,7 @@ class Engine:
         group = self._groups.pop(request_id, None)
         if group is None:
             return False
+        self._scoring_prompts.discard(group)
         for sample in group.samples:
             if self.scheduler.abort(sample.request.request_id):
                 sample.finish_reason = "abort"
@@ -319,6 +344,56 @@ class Engine:
         return True
 
     # ---- the step --------------------------------------------------------------------------------
+    def _prompt_rows(self, so) -> tuple[PromptLogprobsRequest, list[tuple[_Group, int]]] | None:
+        """The step's token rows that score a prompt token (sample 0 of groups asking for prompt
+        logprobs), and the (group, prompt position) each row scores."""
+        rows: list[int] = []
+        targets: list[int] = []
+        owners: list[tuple[_Group, int]] = []
+        num_logprobs = 0
+        samples = self._samples
+        for i, req_id in enumerate(so.req_ids):
+            sample = samples.get(req_id)
+            if sample is None or sample.index != 0 or sample.group not in self._scoring_prompts:
+                continue
+            group = sample.group
+            prompt = group.prompt_token_ids
+            start = so.num_computed_tokens[i]
+            base = so.query_start_loc[i] - start
+            # The logits at position p score prompt token p + 1.
+            for p in range(start, min(start + so.num_scheduled_tokens[i], len(prompt) - 1)):
+                rows.append(base + p)
+                targets.append(prompt[p + 1])
+                owners.append((group, p + 1))
+            num_logprobs = max(num_logprobs, sample.params.prompt_logprobs or 0)
+        if not rows:
+            return None
+        return PromptLogprobsRequest(rows, targets, num_logprobs), owners
+
+    def _record_prompt_logprobs(self, owners: list[tuple[_Group, int]], lp) -> None:
+        for k, (group, position) in enumerate(owners):
+            assert group.prompt_logprobs is not None
+            n = group.samples[0].params.prompt_logprobs or 0
+            if group.prompt_logprobs[position] is None:
+                group.prompt_logprobs_left -= 1
+            group.prompt_logprobs[position] = self._logprob_entry(lp, k, n)
+            if group.prompt_logprobs_left == 0:
+                self._scoring_prompts.discard(group)
+
+    def _logprob_entry(self, lp, row: int, n: int) -> dict[int, Logprob]:
+        """{token id: Logprob} for row `row` of a LogprobsLists: the row's own token (column 0, with
+        its rank) and its top-n alternatives (ranks 1..n)."""
+        ids = lp.token_ids[row]
+        values = lp.logprobs[row]
+        tok = self.tokenizer
+
+        def text(token_id: int) -> str | None:
+            return tok.decode([token_id], skip_special_tokens=False) if tok is not None else None
+
+        entry = {ids[j]: Logprob(values[j], j, text(ids[j])) for j in range(1, n + 1)}
+        entry[ids[0]] = Logprob(values[0], lp.ranks[row], text(ids[0]))
+        return entry
+
     def _finish_check(self, request: Request, token_id: int) -> RequestStatus | None:
         if token_id in request.stop_token_ids:
             # NOTE: the sampler masks stop ids until min_tokens; this guards the count as well.
@@ -346,8 +421,11 @@ class Engine:
                     device=self.device,
                     eos_token_ids=self.eos_token_ids,
                 )
+        scoring = self._prompt_rows(so) if self._scoring_prompts and not so.is_empty else None
         now = time.monotonic()
-        out = self.runner.execute(so, sampling)
+        out = self.runner.execute(so, sampling, scoring[0] if scoring else None)
+        if scoring:
+            self._record_prompt_logprobs(scoring[1], out.prompt_logprobs)
         self.num_steps += not so.is_empty
         if so.is_empty or not rows:
             return []
@@ -407,6 +485,7 @@ class Engine:
             outputs.append(self._output(group))
             if group.num_unfinished == 0:
                 self._groups.pop(group.request_id, None)
+                self._scoring_prompts.discard(group)
                 group.metrics.finished_time = now
         return outputs
 
@@ -442,21 +521,10 @@ class Engine:
         )
 
     def _record_logprobs(self, sample: _Sample, lp, row: int) -> None:
-        n = sample.params.logprobs or 0
-        ids = lp.token_ids[row]
-        values = lp.logprobs[row]
-        entry: dict[int, Logprob] = {}
-        tok = self.tokenizer
-
-        def text(token_id: int) -> str | None:
-            return tok.decode([token_id], skip_special_tokens=False) if tok is not None else None
-
-        for j in range(1, n + 1):
-            entry[ids[j]] = Logprob(values[j], j, text(ids[j]))
-        entry[ids[0]] = Logprob(values[0], lp.ranks[row], text(ids[0]))
+        entry = self._logprob_entry(lp, row, sample.params.logprobs or 0)
         assert sample.logprobs is not None
         sample.logprobs.append(entry)
-        sample.cumulative_logprob = (sample.cumulative_logprob or 0.0) + values[0]
+        sample.cumulative_logprob = (sample.cumulative_logprob or 0.0) + lp.logprobs[row][0]
 
     def _output(self, group: _Group) -> RequestOutput:
         outputs = []
@@ -481,6 +549,7 @@ class Engine:
             finished=group.num_unfinished == 0,
             metrics=group.metrics,
             num_cached_tokens=group.metrics.num_cached_tokens,
+            prompt_logprobs=list(group.prompt_logprobs) if group.prompt_logprobs is not None else None,
         )
 
 

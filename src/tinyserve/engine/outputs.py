@@ -55,7 +55,11 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    """The state of a request after a step (cumulative: text and token_ids so far)."""
+    """The state of a request after a step (cumulative: text and token_ids so far).
+
+    prompt_logprobs: with SamplingParams.prompt_logprobs, one entry per prompt token (None for the
+    first, which nothing scores): the token's logprob and rank plus the top-N alternatives.
+    """
 
     request_id: str
     prompt: str | None

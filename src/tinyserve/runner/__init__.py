@@ -1,5 +1,5 @@
 """SchedulerOutput -> device tensors -> model -> logits -> sampler (ModelRunner), and CUDA graphs."""
 
-from tinyserve.runner.model_runner import ModelRunner, ModelRunnerOutput
+from tinyserve.runner.model_runner import ModelRunner, ModelRunnerOutput, PromptLogprobsRequest
 
-__all__ = ["ModelRunner", "ModelRunnerOutput"]
+__all__ = ["ModelRunner", "ModelRunnerOutput", "PromptLogprobsRequest"]

@@ -15,7 +15,7 @@ import torch
 
 from tinyserve.layers.attention import AttentionMetadata
 from tinyserve.models.llama import LlamaForCausalLM
-from tinyserve.sampling import LogprobsLists, Sampler, SamplingMetadata
+from tinyserve.sampling import LogprobsLists, Sampler, SamplingMetadata, gather_logprobs
 from tinyserve.scheduler.output import SchedulerOutput
 
 from .cuda_graphs import DecodeGraphs, graph_batch_sizes
@@ -26,15 +26,30 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class PromptLogprobsRequest:
+    """Prompt logprobs wanted this step: the flat token rows whose logits score the next prompt token.
+
+    rows: [n] flat token indices of the step; targets: [n] the prompt token that follows each row's
+    token; num_logprobs: the top-N alternatives to return with each (the largest asked for).
+    """
+
+    rows: list[int]
+    targets: list[int]
+    num_logprobs: int
+
+
+@dataclass
 class ModelRunnerOutput:
     """The step's samples, one per sequence with do_sample, in scheduling order.
 
     sampled_token_ids: [num_logits] sampled ids.
     logprobs: row i belongs to the i-th sampled sequence; None when no row asked for logprobs.
+    prompt_logprobs: row i belongs to PromptLogprobsRequest.rows[i]; None when none were asked for.
     """
 
     sampled_token_ids: list[int]
     logprobs: LogprobsLists | None
+    prompt_logprobs: LogprobsLists | None = None
 
 
 class ModelRunner:
@@ -177,9 +192,15 @@ class ModelRunner:
             v.index_copy_(0, dst, v.index_select(0, src))
 
     @torch.inference_mode()
-    def execute(self, so: SchedulerOutput, sampling: SamplingMetadata | None) -> ModelRunnerOutput:
+    def execute(
+        self,
+        so: SchedulerOutput,
+        sampling: SamplingMetadata | None,
+        prompt_logprobs: PromptLogprobsRequest | None = None,
+    ) -> ModelRunnerOutput:
         """Run one scheduled step. `sampling` describes the rows of so.logits_indices (None when the
-        step samples nothing, e.g. only non-final prefill chunks)."""
+        step samples nothing, e.g. only non-final prefill chunks); `prompt_logprobs` asks for the
+        logprobs of prompt tokens (eager steps only)."""
         inputs = self.inputs
         inputs.release(so.finished_req_ids)
         inputs.release(so.preempted_req_ids)
@@ -188,9 +209,10 @@ class ModelRunner:
         if so.is_empty:
             return ModelRunnerOutput([], None)
         graph_bs = None
-        if self.graphs is not None and so.num_tokens == so.num_seqs:
+        if self.graphs is not None and so.num_tokens == so.num_seqs and prompt_logprobs is None:
             graph_bs = self.graphs.batch_size_for(so.num_seqs)
         x = inputs.prepare(so, pad_to=graph_bs)
+        prompt_lp = None
         if graph_bs is not None:
             logits = self.graphs.replay(graph_bs)[: so.num_seqs]  # type: ignore[union-attr]
             if x.num_logits != so.num_seqs:  # every decode samples; keep the rows that asked
@@ -198,10 +220,20 @@ class ModelRunner:
         else:
             md = self._metadata(so, x)
             hidden = self.model(x.input_ids, x.positions, md)
-            if x.num_logits == 0:
-                return ModelRunnerOutput([], None)
+            if prompt_logprobs is not None:
+                prompt_lp = self._prompt_logprobs(hidden, prompt_logprobs)
+            if x.num_logits == 0 or sampling is None:
+                return ModelRunnerOutput([], None, prompt_lp)
             logits = self.model.compute_logits(hidden, x.logits_indices)
         if sampling is None:
-            return ModelRunnerOutput([], None)
+            return ModelRunnerOutput([], None, prompt_lp)
         out = self.sampler(logits, sampling).to_host()
-        return ModelRunnerOutput(out.sampled_token_ids, out.logprobs)
+        return ModelRunnerOutput(out.sampled_token_ids, out.logprobs, prompt_lp)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, req: PromptLogprobsRequest) -> LogprobsLists:
+        """Raw-model logprobs of the next prompt token at `req.rows`, with the top-N (one extra sync,
+        only in steps that asked for prompt logprobs)."""
+        rows = torch.tensor(req.rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        targets = torch.tensor(req.targets, dtype=torch.int64).to(self.device, non_blocking=True)
+        logprobs = self.model.compute_logits(hidden, rows).log_softmax(dim=-1)  # [n, vocab] float32
+        return gather_logprobs(logprobs, req.num_logprobs, targets).tolists()

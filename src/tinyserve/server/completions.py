@@ -14,7 +14,7 @@ from tinyserve.engine import RequestOutput
 from . import sse
 from .generation import Generation, respond
 from .inputs import Prompt, check_fits, check_model, completion_prompts, completion_sampling_params
-from .logprobs import completion_logprobs
+from .logprobs import completion_logprobs, merge_completion_logprobs, prompt_completion_logprobs
 from .protocol import CompletionRequest
 from .responses import CompletionChoice, CompletionLogprobs, CompletionResponse, Usage
 from .state import ServerState
@@ -56,6 +56,8 @@ def _response(
             logprobs = None
             if req.logprobs is not None:
                 lp, _ = completion_logprobs(c, 0, len(prefix))
+                if req.echo:
+                    lp = merge_completion_logprobs(prompt_completion_logprobs(out)[0], lp)
                 logprobs = CompletionLogprobs(**lp)
             choices.append(
                 CompletionChoice(
@@ -107,7 +109,11 @@ async def _chunks(gen: Generation, req: CompletionRequest, created: int) -> Asyn
                     offsets[k] = len(delta) - len(c.text)
                 logprobs = None
                 if req.logprobs is not None:
+                    first_chunk = sent_tokens[k] == 0 and sent_chars[k] == 0
                     logprobs, offsets[k] = completion_logprobs(c, sent_tokens[k], offsets[k])
+                    if req.echo and first_chunk:
+                        echoed, _ = prompt_completion_logprobs(out)
+                        logprobs = merge_completion_logprobs(echoed, logprobs)
                 sent_chars[k] = len(c.text)
                 sent_tokens[k] = len(c.token_ids)
                 done[k] = c.finished

@@ -134,7 +134,12 @@ def render_chat(
 
 
 def sampling_params(
-    state: ServerState, req: _Sampling, *, max_tokens: int | None, logprobs: int | None
+    state: ServerState,
+    req: _Sampling,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     if req.n > state.max_num_seqs:
         raise APIError(
@@ -144,6 +149,7 @@ def sampling_params(
         "n": req.n,
         "max_tokens": max_tokens,
         "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
         "ignore_eos": req.ignore_eos,
         "min_tokens": req.min_tokens,
         "skip_special_tokens": req.skip_special_tokens,
@@ -173,11 +179,11 @@ def sampling_params(
 
 
 def completion_sampling_params(state: ServerState, req: CompletionRequest) -> SamplingParams:
-    if req.echo and req.logprobs is not None:
-        raise APIError(
-            400, "echo with logprobs needs prompt logprobs, which this server does not compute", param="echo"
-        )
-    return sampling_params(state, req, max_tokens=req.max_tokens, logprobs=req.logprobs)
+    # echo with logprobs scores the echoed prompt too (OpenAI's legacy completions behaviour).
+    prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+    return sampling_params(
+        state, req, max_tokens=req.max_tokens, logprobs=req.logprobs, prompt_logprobs=prompt_logprobs
+    )
 
 
 def chat_sampling_params(state: ServerState, req: ChatCompletionRequest) -> SamplingParams:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tinyserve.engine import CompletionOutput, Logprob
+from tinyserve.engine import CompletionOutput, Logprob, RequestOutput
 
 # JSON has no -inf; a masked-out token is reported with this (as vLLM does).
 _FLOOR = -9999.0
@@ -43,6 +43,40 @@ def completion_logprobs(c: CompletionOutput, start: int, text_offset: int) -> tu
         "top_logprobs": tops,
         "text_offset": offsets,
     }, text_offset
+
+
+def prompt_completion_logprobs(out: RequestOutput, text_offset: int = 0) -> tuple[dict[str, Any], int]:
+    """The echoed prompt's tokens in the completions format (echo with logprobs): the first token
+    has no logprob (null), each later one its logprob and top alternatives. Returns the dict and the
+    text offset after the prompt."""
+    tokens: list[str] = []
+    values: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    entries = out.prompt_logprobs or []
+    for pos, token_id in enumerate(out.prompt_token_ids):
+        entry = entries[pos] if pos < len(entries) else None
+        chosen = entry.get(token_id) if entry else None
+        text = _text(chosen) if chosen is not None else _first_token_text(out, entries, token_id)
+        tokens.append(text)
+        values.append(_value(chosen.logprob) if chosen is not None else None)
+        tops.append({_text(lp): _value(lp.logprob) for lp in entry.values()} if entry else None)
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, text_offset
+
+
+def _first_token_text(out: RequestOutput, entries: list, token_id: int) -> str:
+    # Nothing scores the first prompt token, so no Logprob carries its text; another position may.
+    for entry in entries:
+        if entry and token_id in entry:
+            return _text(entry[token_id])
+    return ""
+
+
+def merge_completion_logprobs(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two completions-format logprob dicts, one after the other."""
+    return {key: first[key] + second[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 
 
 def chat_logprobs(c: CompletionOutput, start: int, top_n: int) -> list[dict[str, Any]]:

@@ -27,11 +27,12 @@ class Usage(BaseModel):
 
 # ---- /v1/completions -----------------------------------------------------------------------------
 class CompletionLogprobs(BaseModel):
-    """The legacy completions format: one entry per generated token."""
+    """The legacy completions format: one entry per generated token (with echo, per prompt token
+    first; the first prompt token has no logprob: null)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 
