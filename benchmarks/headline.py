@@ -117,7 +117,7 @@ def harness_limit(prompts, max_tokens, steps: int, wbytes: int, kv_tok: int, bw:
     """Seconds the harness needs at the copy bandwidth: weights once per step plus every generated
     token's read of its context's K and V (prefill reads counted as one pass over each prompt)."""
     kv_tokens_read = 0
-    for p, m in zip(prompts, max_tokens):
+    for p, m in zip(prompts, max_tokens, strict=True):
         n = len(p)
         kv_tokens_read += n  # prefill: the prompt's K/V once
         kv_tokens_read += m * n + m * (m - 1) // 2  # decode token j reads n + j positions

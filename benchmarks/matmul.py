@@ -50,14 +50,14 @@ def main() -> None:
         ours_cpu = torch_cpu = ours_gpu = cublas = None
         equal = []
         if n <= args.cpu_max:
-            ours_cpu = time_cpu(lambda: ops.matmul(a, b), repeat=3)
-            torch_cpu = time_cpu(lambda: torch.matmul(a, b), repeat=3)
+            ours_cpu = time_cpu(lambda a=a, b=b: ops.matmul(a, b), repeat=3)
+            torch_cpu = time_cpu(lambda a=a, b=b: torch.matmul(a, b), repeat=3)
             equal.append(close(ops.matmul(a, b), torch.matmul(a, b), n))
         if has_gpu:
             da, db = a.cuda(), b.cuda()
             out = torch.empty_like(da)
-            ours_gpu = time_cuda(lambda: ops.matmul(da, db, out=out))
-            cublas = time_cuda(lambda: torch.matmul(da, db, out=out))
+            ours_gpu = time_cuda(lambda da=da, db=db, out=out: ops.matmul(da, db, out=out))
+            cublas = time_cuda(lambda da=da, db=db, out=out: torch.matmul(da, db, out=out))
             equal.append(close(ops.matmul(da, db), torch.matmul(da, db), n))
         rows.append((n, ours_cpu, torch_cpu, ours_gpu, cublas, all(equal)))
 

@@ -45,7 +45,7 @@ def test_family_greedy_matches_transformers(family, tmp_path):
     )
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         assert out.outputs[0].token_ids == _hf_greedy(hf, prompt, NEW_TOKENS), f"{family}: prompt {prompt}"
 
 
@@ -59,5 +59,5 @@ def test_stories260k_matches_transformers(stories260k_path, stories_llm):
     prompts = [[1] + [rng.randint(3, 511) for _ in range(rng.randint(1, 40))] for _ in range(6)]
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     outs = stories_llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         assert out.outputs[0].token_ids == _hf_greedy(hf, prompt, 32)

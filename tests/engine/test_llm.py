@@ -46,7 +46,7 @@ def test_stories_stops_on_generation_config_eos(stories_llm):
 def test_batch_equals_alone(stories_llm):
     prompts = _random_prompts(16, seed=1)
     batched = stories_llm.generate(_ids(prompts), GREEDY, use_tqdm=False)
-    for prompt, out in zip(prompts, batched):
+    for prompt, out in zip(prompts, batched, strict=True):
         alone = stories_llm.generate(_ids([prompt]), GREEDY, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == alone.outputs[0].token_ids
         assert out.prompt_token_ids == prompt
@@ -148,12 +148,14 @@ def test_logprobs(stories_llm):
     params = SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True)
     c = stories_llm.generate("Once upon a time", params, use_tqdm=False)[0].outputs[0]
     assert len(c.logprobs) == 5
-    for token_id, entry in zip(c.token_ids, c.logprobs):
+    for token_id, entry in zip(c.token_ids, c.logprobs, strict=True):
         assert token_id in entry and len(entry) == 3  # greedy: the sampled token is the top-1
         assert entry[token_id].rank == 1
         assert entry[token_id].logprob == max(lp.logprob for lp in entry.values())
         assert all(lp.logprob <= 0 for lp in entry.values())
-    assert c.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs)))
+    assert c.cumulative_logprob == pytest.approx(
+        sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs, strict=True))
+    )
 
 
 def test_abort_frees_every_block(stories_llm):
@@ -219,7 +221,7 @@ def test_no_block_leaked_after_many_random_requests(stories260k_path):
         )
     outs = llm.generate(_ids(prompts), params, use_tqdm=False)
     assert len(outs) == 1000 and all(o.finished for o in outs)
-    for o, p in zip(outs, params):
+    for o, p in zip(outs, params, strict=True):
         assert len(o.outputs) == p.n
         assert all(1 <= len(c.token_ids) <= p.max_tokens for c in o.outputs)
     stats = llm.engine.stats()
@@ -232,7 +234,9 @@ def test_chunked_prefill_gives_same_outputs(stories260k_path, stories_llm):
     # A 20-token step budget: long prompts prefill in chunks, mixed with other requests' decodes.
     prompts = _random_prompts(6, seed=10, lo=30, hi=90)
     expected = [o.outputs[0].token_ids for o in stories_llm.generate(_ids(prompts), GREEDY, use_tqdm=False)]
-    small = LLM(str(stories260k_path), device="cpu", dtype="float32", max_num_seqs=4, max_num_batched_tokens=20)
+    small = LLM(
+        str(stories260k_path), device="cpu", dtype="float32", max_num_seqs=4, max_num_batched_tokens=20
+    )
     got = [o.outputs[0].token_ids for o in small.generate(_ids(prompts), GREEDY, use_tqdm=False)]
     assert got == expected
 
@@ -260,8 +264,9 @@ def test_prompt_logprobs_match_transformers(stories260k_path, budget):
     from tinyserve import LLM
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(stories260k_path), dtype=torch.float32).eval()
-    llm = LLM(str(stories260k_path), device="cpu", dtype="float32", max_num_seqs=4,
-              max_num_batched_tokens=budget)
+    llm = LLM(
+        str(stories260k_path), device="cpu", dtype="float32", max_num_seqs=4, max_num_batched_tokens=budget
+    )
     prompts = _random_prompts(3, seed=11, lo=20, hi=60)
     params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=4, ignore_eos=True, n=1)
     # twice the same prompt: the second must not take the first's cached blocks and skip scoring
@@ -277,7 +282,11 @@ def test_prompt_logprobs_match_transformers(stories260k_path, budget):
             assert entry[target].logprob == pytest.approx(ref[p - 1, target].item(), abs=1e-4)
             # rank = 1 + the tokens more likely; near-ties (within float noise) may fall either way
             row, value = ref[p - 1], ref[p - 1, target]
-            assert int((row > value + 1e-4).sum()) + 1 <= entry[target].rank <= int((row > value - 1e-4).sum()) + 1
+            assert (
+                int((row > value + 1e-4).sum()) + 1
+                <= entry[target].rank
+                <= int((row > value - 1e-4).sum()) + 1
+            )
             top = set(ref[p - 1].topk(4).indices.tolist())
             assert top <= set(entry), f"position {p}: top-4 {top} not all in {set(entry)}"
     assert llm.engine.stats().kv.num_used_blocks == 0

@@ -52,7 +52,7 @@ def test_batches_of_every_bucket_equal_cpu(cuda_llm, stories_llm):
     ]
     got = cuda_llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     want = stories_llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
 
 

@@ -117,7 +117,8 @@ def run_chat(args: argparse.Namespace) -> int:
         raise ValueError("chat needs a tokenizer; drop --skip-tokenizer-init")
     if engine.tokenizer.chat_template is None:
         raise ValueError(
-            f"{args.model} has no chat template; pass --chat-template FILE (a jinja2 template) to chat with it"
+            f"{args.model} has no chat template; "
+            "pass --chat-template FILE (a jinja2 template) to chat with it"
         )
     messages: list[dict[str, str]] = []
     if args.system:
@@ -255,7 +256,8 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     print(f"  input tok/s:      {result['input_tok_per_s']:.1f}")
     print(f"  output tok/s:     {result['output_tok_per_s']:.1f}")
     print(
-        f"  total seconds:    {seconds:.2f}  ({len(prompts)} requests, {num_in} prompt + {num_out} output tokens)"
+        f"  total seconds:    {seconds:.2f}  "
+        f"({len(prompts)} requests, {num_in} prompt + {num_out} output tokens)"
     )
     if args.json:
         with open(args.json, "w") as f:

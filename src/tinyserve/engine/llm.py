@@ -94,11 +94,12 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(
-                    f"got {len(params_list)} SamplingParams for {len(prompts)} prompts; give one, or one per prompt"
+                    f"got {len(params_list)} SamplingParams for {len(prompts)} prompts; "
+                    "give one, or one per prompt"
                 )
         request_ids = []
         try:
-            for prompt, params in zip(prompts, params_list):
+            for prompt, params in zip(prompts, params_list, strict=True):
                 text, ids = self._tokenize(prompt)
                 request_id = self.engine.new_request_id()
                 self.engine.add_request(request_id, ids, params, prompt=text)

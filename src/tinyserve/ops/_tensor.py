@@ -75,5 +75,6 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 def check_contiguous(name: str, t: torch.Tensor) -> None:
     if not t.is_contiguous():
         raise ValueError(
-            f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()}); call .contiguous() first"
+            f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()}); "
+            "call .contiguous() first"
         )

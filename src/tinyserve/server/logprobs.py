@@ -63,7 +63,12 @@ def prompt_completion_logprobs(out: RequestOutput, text_offset: int = 0) -> tupl
         tops.append({_text(lp): _value(lp.logprob) for lp in entry.values()} if entry else None)
         offsets.append(text_offset)
         text_offset += len(text)
-    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, text_offset
+    return {
+        "tokens": tokens,
+        "token_logprobs": values,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }, text_offset
 
 
 def _first_token_text(out: RequestOutput, entries: list, token_id: int) -> str:
@@ -76,7 +81,9 @@ def _first_token_text(out: RequestOutput, entries: list, token_id: int) -> str:
 
 def merge_completion_logprobs(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
     """Two completions-format logprob dicts, one after the other."""
-    return {key: first[key] + second[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    return {
+        key: first[key] + second[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    }
 
 
 def chat_logprobs(c: CompletionOutput, start: int, top_n: int) -> list[dict[str, Any]]:
