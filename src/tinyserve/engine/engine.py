@@ -156,7 +156,6 @@ class Engine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             enforce_eager=config.enforce_eager,
-            eos_token_ids=self.eos_token_ids,
         )
         num_blocks = self.runner.determine_num_blocks(
             num_kv_blocks=config.num_kv_blocks,

@@ -7,7 +7,6 @@ Decode-only steps replay a CUDA graph captured for the next larger bucketed batc
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -21,8 +20,6 @@ from tinyserve.scheduler.output import SchedulerOutput
 from .cuda_graphs import DecodeGraphs, graph_batch_sizes
 from .input_batch import InputBatch, StepInputs
 from .kv_cache_alloc import allocate_kv_caches, cpu_kv_budget, cuda_kv_budget, kv_bytes_per_block
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,7 +69,6 @@ class ModelRunner:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enforce_eager: bool = False,
-        eos_token_ids: tuple[int, ...] = (),
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
@@ -82,7 +78,6 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.eos_token_ids = eos_token_ids
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.inputs = InputBatch(max_num_batched_tokens, max_num_seqs, self.max_blocks_per_seq, self.device)
         self.sampler = Sampler()
