@@ -224,40 +224,14 @@ class Engine:
 
     # ---- adding and aborting ---------------------------------------------------------------------
     def validate_prompt(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> int:
-        """Check a prompt against the model; returns the effective max_tokens.
-
-        Raises ValueError naming what is wrong (empty prompt, ids outside the vocabulary, a prompt
-        or prompt + max_tokens longer than max_model_len, unsupported parameters)."""
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        vocab = self.arch.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or t < 0 or t >= vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be ints in [0, {vocab}); got {bad[:5]}")
-        if n >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {n} tokens, but max_model_len is {self.max_model_len}: "
-                "it must be shorter to leave room for at least one generated token"
-            )
-        if params.prompt_logprobs is not None and params.prompt_logprobs > vocab:
-            raise ValueError(
-                f"prompt_logprobs must be <= the vocabulary size ({vocab}), got {params.prompt_logprobs}"
-            )
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
-        if n + max_tokens > self.max_model_len:
-            raise ValueError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but the request has "
-                f"{n} prompt tokens and max_tokens={max_tokens} ({n + max_tokens} in total); "
-                "shorten the prompt or lower max_tokens"
-            )
-        if self.tokenizer is None and params.stop_list:
-            raise ValueError(
-                "stop strings need a tokenizer; this engine runs without one (skip_tokenizer_init)"
-            )
-        if params.logprobs is not None and params.logprobs > vocab:
-            raise ValueError(f"logprobs must be <= the vocabulary size ({vocab}), got {params.logprobs}")
-        return max_tokens
+        """Check a prompt against the model; returns the effective max_tokens (see `check_prompt`)."""
+        return check_prompt(
+            prompt_token_ids,
+            params,
+            vocab_size=self.arch.vocab_size,
+            max_model_len=self.max_model_len,
+            has_tokenizer=self.tokenizer is not None,
+        )
 
     def add_request(
         self,
@@ -550,6 +524,47 @@ class Engine:
             num_cached_tokens=group.metrics.num_cached_tokens,
             prompt_logprobs=list(group.prompt_logprobs) if group.prompt_logprobs is not None else None,
         )
+
+
+def check_prompt(
+    prompt_token_ids: Sequence[int],
+    params: SamplingParams,
+    *,
+    vocab_size: int,
+    max_model_len: int,
+    has_tokenizer: bool,
+) -> int:
+    """Check a prompt against the model; returns the effective max_tokens.
+
+    Raises ValueError naming what is wrong (empty prompt, ids outside the vocabulary, a prompt
+    or prompt + max_tokens longer than max_model_len, unsupported parameters)."""
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    bad = [t for t in prompt_token_ids if not isinstance(t, int) or t < 0 or t >= vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids must be ints in [0, {vocab_size}); got {bad[:5]}")
+    if n >= max_model_len:
+        raise ValueError(
+            f"the prompt has {n} tokens, but max_model_len is {max_model_len}: "
+            "it must be shorter to leave room for at least one generated token"
+        )
+    if params.prompt_logprobs is not None and params.prompt_logprobs > vocab_size:
+        raise ValueError(
+            f"prompt_logprobs must be <= the vocabulary size ({vocab_size}), got {params.prompt_logprobs}"
+        )
+    max_tokens = params.max_tokens if params.max_tokens is not None else max_model_len - n
+    if n + max_tokens > max_model_len:
+        raise ValueError(
+            f"this model's maximum context length is {max_model_len} tokens, but the request has "
+            f"{n} prompt tokens and max_tokens={max_tokens} ({n + max_tokens} in total); "
+            "shorten the prompt or lower max_tokens"
+        )
+    if not has_tokenizer and params.stop_list:
+        raise ValueError("stop strings need a tokenizer; this engine runs without one (skip_tokenizer_init)")
+    if params.logprobs is not None and params.logprobs > vocab_size:
+        raise ValueError(f"logprobs must be <= the vocabulary size ({vocab_size}), got {params.logprobs}")
+    return max_tokens
 
 
 def model_dir_of(model: str, revision: str | None) -> str:
