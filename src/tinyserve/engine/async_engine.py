@@ -1,12 +1,12 @@
-"""AsyncEngine: the single-threaded Engine driven by ONE background thread, with an asyncio front.
+"""AsyncEngine: the Engine served to asyncio code, with its step loop off the event loop.
 
-Thread model (see docs/architecture.md):
-- the engine thread owns the Engine. Before every step it drains a thread-safe command queue (add,
-  abort, stats, stop); when nothing is running it blocks on that queue, so an idle server burns no CPU.
-- after a step, it hands all the step's outputs to the event loop in ONE `call_soon_threadsafe`.
-- the event loop owns one `RequestStream` per request. Outputs are cumulative (text, token ids and
-  logprobs so far), so a stream keeps only the newest one: a consumer that falls behind skips straight
-  to the latest state and loses nothing (the engine never waits for HTTP).
+The step loop (EngineCore, see `core`) runs either in its own process (the default for the server)
+or in one background thread; both speak the same messages:
+- the front (this module, on the event loop) sends commands: add, abort, stats, stop.
+- the core drains them between steps and sends each step's outputs as deltas (new tokens only) in
+  one message; with nothing to do it blocks on its command channel, so an idle server burns no CPU.
+- the front keeps one `RequestStream` per request and applies the deltas to it. A consumer that falls
+  behind skips straight to the newest state and loses nothing: the engine never waits for HTTP.
 
 Nothing here knows about HTTP; the server (tinyserve.server) is the only caller.
 """
@@ -16,28 +16,35 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import multiprocessing
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from typing import Any
 
 from tinyserve.config import EngineConfig
 from tinyserve.sampling_params import SamplingParams
 from tinyserve.tokenizer import IncrementalDetokenizer
 
-from .engine import Engine, EngineStats
-from .outputs import RequestOutput
+from .core import EngineCore, EngineInfo, Message, QueueFullError, run_engine_process
+from .engine import Engine, EngineStats, load_tokenizer
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "AsyncEngine",
+    "EngineDeadError",
+    "QueueFullError",
+    "RequestAbortedError",
+    "RequestStream",
+    "ShuttingDownError",
+]
+
 
 class EngineDeadError(RuntimeError):
-    """The engine thread stopped with an exception; no request can be served any more."""
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue already holds `max_queue` requests."""
+    """The engine loop stopped with an error (or its process died); no request can be served."""
 
 
 class ShuttingDownError(RuntimeError):
@@ -54,6 +61,7 @@ class RequestStream:
     Iteration ends after the output with `finished=True`; it raises RequestAbortedError or
     EngineDeadError if the request cannot finish. `step_times` holds the engine's time.monotonic()
     of every delivered step (for inter-token latency); `arrival_time` is when the stream was created.
+    Each output's `token_ids` lists are the stream's live lists (they only grow).
     """
 
     def __init__(
@@ -61,28 +69,60 @@ class RequestStream:
         request_id: str,
         *,
         stream: bool,
+        prompt: str | None = None,
+        prompt_token_ids: Sequence[int] = (),
         detokenizer: Callable[[], IncrementalDetokenizer] | None = None,
     ) -> None:
         self.request_id = request_id
         self.stream = stream
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
         # A streamed request without stop strings is decoded here, on the event loop, while the
-        # engine thread runs the next step (the engine would otherwise decode on the step's path).
+        # engine runs the next step (the engine would otherwise decode on the step's path).
         self._new_detokenizer = detokenizer
         self._detoks: dict[int, IncrementalDetokenizer] = {}
         self.arrival_time = time.monotonic()
         self.step_times: list[float] = []
         self.finished = False  # the consumer has seen the final output (or an error)
-        self._engine_done = False  # the engine has delivered its final output
-        self._latest: RequestOutput | None = None
+        self._engine_done = False  # the engine has delivered its final output (or failed)
+        self._done = False  # the state below is final
+        # The request's state so far, built from the engine's deltas.
+        self._samples: list[CompletionOutput] = []
+        self._metrics: RequestMetrics | None = None
+        self._num_cached_tokens = 0
+        self._prompt_logprobs = None
+        self._fresh = False  # a delta arrived that the consumer has not seen
         self._error: BaseException | None = None
         self._event = asyncio.Event()
 
-    # ---- the event loop side of the engine thread (called in the loop's thread only) -----------
-    def _put(self, output: RequestOutput, step_time: float) -> None:
-        self._latest = output
+    # ---- the event loop side of the engine (called in the loop's thread only) --------------------
+    def _apply(self, delta: tuple, step_time: float) -> None:
+        """Merge one step's delta (see core: new tokens, logprobs and text since the last one)."""
+        _, finished, samples, metrics, num_cached_tokens, prompt_logprobs = delta
+        for index, new_ids, text_update, finish_reason, stop_reason, new_logprobs, cumulative in samples:
+            while len(self._samples) <= index:
+                self._samples.append(CompletionOutput(index=len(self._samples), text="", token_ids=[]))
+            c = self._samples[index]
+            c.token_ids.extend(new_ids)
+            if text_update is not None:
+                keep, suffix = text_update
+                c.text = c.text[:keep] + suffix
+            c.finish_reason = finish_reason
+            c.stop_reason = stop_reason
+            if new_logprobs is not None:
+                if c.logprobs is None:
+                    c.logprobs = []
+                c.logprobs.extend(new_logprobs)
+            c.cumulative_logprob = cumulative
+        if metrics is not None:
+            self._metrics = RequestMetrics(*metrics)
+        self._num_cached_tokens = num_cached_tokens
+        if prompt_logprobs is not None:
+            self._prompt_logprobs = prompt_logprobs
         self.step_times.append(step_time)
-        if output.finished:
-            self._engine_done = True
+        if finished:
+            self._engine_done = self._done = True
+        self._fresh = True
         self._event.set()
 
     def _fail(self, error: BaseException) -> None:
@@ -98,19 +138,45 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        while self._latest is None and self._error is None:
+        while not self._fresh and self._error is None:
             self._event.clear()
             await self._event.wait()
-        latest, self._latest = self._latest, None
-        if latest is None:
+        if not self._fresh:
             self.finished = True
             assert self._error is not None
             raise self._error
+        self._fresh = False
+        latest = self._snapshot()
         if latest.finished:
             self.finished = True
         if self._new_detokenizer is not None:
             self._decode(latest)
         return latest
+
+    def _snapshot(self) -> RequestOutput:
+        """The state now, in objects the next delta will not change (token id lists excepted)."""
+        outputs = [
+            CompletionOutput(
+                index=c.index,
+                text=c.text,
+                token_ids=c.token_ids,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+                logprobs=list(c.logprobs) if c.logprobs is not None else None,
+                cumulative_logprob=c.cumulative_logprob,
+            )
+            for c in self._samples
+        ]
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=outputs,
+            finished=self._done,
+            metrics=self._metrics,
+            num_cached_tokens=self._num_cached_tokens,
+            prompt_logprobs=self._prompt_logprobs,
+        )
 
     def _decode(self, output: RequestOutput) -> None:
         """Fill each sample's text from its token ids (the engine left it empty)."""
@@ -126,94 +192,201 @@ class RequestStream:
             c.text = detok.output_text
 
 
-# ---- commands to the engine thread ---------------------------------------------------------------
-@dataclass
-class _Add:
-    stream: RequestStream
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    prompt: str | None
-    accepted: asyncio.Future[None]
+# ---- where the core runs ----------------------------------------------------------------------------
+class _ThreadCore:
+    """EngineCore in a background thread of this process; messages hop to the loop in one call.
+
+    NOTE: the Engine is built in the engine thread itself. Measured on the 2-core CPU box: an Engine
+    built in the main thread and stepped in another ran ~30% slower (torch's OpenMP thread team
+    belongs to the thread that first used it)."""
+
+    def __init__(self, config: EngineConfig, max_queue: int | None) -> None:
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._deliver: Callable[[list[Message]], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._built = threading.Event()
+        self._engine: Engine | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._main, args=(config, max_queue), name="tinyserve-engine", daemon=True
+        )
+        self._thread.start()
+        self._built.wait()
+        if self._engine is None:
+            raise self._error or RuntimeError("the engine thread stopped before building the engine")
+        self.info = EngineInfo.of(self._engine)
+
+    def start(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[list[Message]], None]) -> None:
+        self._loop, self._deliver = loop, deliver
+
+    def send(self, command: tuple) -> None:
+        self._commands.put(command)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def close(self) -> None:
+        pass
+
+    def _main(self, config: EngineConfig, max_queue: int | None) -> None:
+        try:
+            self._engine = Engine(config)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the constructor
+            self._error = e
+            return
+        finally:
+            self._built.set()
+        EngineCore(self._engine, send=self._send, max_queue=max_queue).run(self._receive)
+
+    def _receive(self, block: bool) -> list:
+        commands = []
+        try:
+            commands.append(self._commands.get() if block else self._commands.get_nowait())
+            while True:
+                commands.append(self._commands.get_nowait())
+        except queue.Empty:
+            pass
+        return commands
+
+    def _send(self, messages: list[Message]) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._deliver, messages)  # type: ignore[arg-type]
 
 
-@dataclass
-class _Abort:
-    request_id: str
+class _ProcessCore:
+    """EngineCore in a child process (spawned: CUDA must start fresh there), over two pipes.
 
+    Commands go through a writer thread, so a full pipe never blocks the event loop (and the two
+    processes can't deadlock writing to each other); messages are read on the loop (add_reader)."""
 
-@dataclass
-class _AbortAll:
-    reason: str
+    def __init__(self, config: EngineConfig, max_queue: int | None) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        commands_in, self._commands = ctx.Pipe(duplex=False)
+        self._messages, messages_out = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(
+            target=run_engine_process,
+            args=(config, max_queue, commands_in, messages_out, logging.getLogger().getEffectiveLevel()),
+            name="tinyserve-engine",
+            daemon=True,
+        )
+        self._process.start()
+        commands_in.close()
+        messages_out.close()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._deliver: Callable[[list[Message]], None] | None = None
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.info = self._wait_ready()
+        try:
+            self.info.tokenizer = load_tokenizer(config)  # the front's own copy
+        except BaseException:
+            self._process.kill()
+            self._process.join(5)
+            raise
+        self._writer = threading.Thread(target=self._write, name="tinyserve-engine-writer", daemon=True)
+        self._writer.start()
 
+    def _wait_ready(self) -> EngineInfo:
+        try:
+            (message,) = self._messages.recv()
+        except EOFError:
+            self._process.join(5)
+            raise RuntimeError(
+                f"the engine process exited during start-up (exit code {self._process.exitcode})"
+            ) from None
+        if message[0] != "ready":
+            self._process.join(5)
+            raise RuntimeError(f"the engine failed to start: {message[1]}")
+        return message[1]
 
-@dataclass
-class _Stats:
-    result: asyncio.Future[EngineStats]
+    def start(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[list[Message]], None]) -> None:
+        self._loop, self._deliver = loop, deliver
+        loop.add_reader(self._messages.fileno(), self._read)
 
+    def send(self, command: tuple) -> None:
+        self._outbox.put(command)
 
-@dataclass
-class _Stop:
-    pass
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive()
 
+    def join(self, timeout: float) -> None:
+        self._stopping = True
+        self._process.join(timeout)
+        if self._process.is_alive():
+            logger.warning("the engine process did not stop in %.0f s; terminating it", timeout)
+            self._process.terminate()
+            self._process.join(5)
 
-@dataclass
-class _Replies:
-    """What one drain of the command queue answers, sent to the loop in one call."""
+    def close(self) -> None:
+        """After join: deliver what the child sent last, then release the pipes and the writer."""
+        self._read()
+        self._outbox.put(None)
+        self._commands.close()
 
-    futures: list[tuple[asyncio.Future, object, BaseException | None]] = field(default_factory=list)
-    failed: list[tuple[RequestStream, BaseException]] = field(default_factory=list)
+    def _write(self) -> None:
+        while True:
+            command = self._outbox.get()
+            if command is None:
+                return
+            try:
+                self._commands.send(command)
+            except (BrokenPipeError, OSError):
+                return  # the child is gone; the reader reports it
+
+    def _read(self) -> None:
+        conn = self._messages
+        if conn.closed:
+            return
+        try:
+            while conn.poll():
+                self._deliver(conn.recv())  # type: ignore[misc]
+        except (EOFError, OSError):
+            assert self._loop is not None
+            self._loop.remove_reader(conn.fileno())
+            conn.close()
+            if not self._stopping:
+                self._process.join(1)
+                self._deliver(  # type: ignore[misc]
+                    [("dead", f"the engine process exited (exit code {self._process.exitcode})")]
+                )
 
 
 class AsyncEngine:
     """Serve an Engine to asyncio code.
 
-        async_engine = AsyncEngine.from_config(config, max_queue=100)  # loads the model (blocking)
+        async_engine = AsyncEngine(config, max_queue=100)   # loads the model (blocking)
         async_engine.start()                       # in the running event loop
         stream = await async_engine.add_request(ids, SamplingParams(...), stream=True)
         async for output in stream: ...            # cumulative RequestOutputs
         async_engine.abort(stream.request_id)      # e.g. the client went away
-        await async_engine.shutdown(grace_s=5)     # finish or abort in-flight requests, stop the thread
+        await async_engine.shutdown(grace_s=5)     # finish or abort in-flight requests, stop the loop
 
-    NOTE: the Engine is built in the engine thread itself, not handed in. Measured on the 2-core CPU
-    box: an Engine built in the main thread and stepped in another ran ~30% slower than in one
-    thread (torch's OpenMP thread team belongs to the thread that first used it).
-
-    engine_factory: builds the Engine (called once, in the engine thread).
+    process: run the engine loop in its own process (True) or in a background thread (False).
     max_queue: reject (QueueFullError) a request that arrives when this many scheduler requests are
     already waiting (each of a request's n samples counts); None = unbounded.
     """
 
-    def __init__(self, engine_factory: Callable[[], Engine], *, max_queue: int | None = None) -> None:
+    def __init__(self, config: EngineConfig, *, max_queue: int | None = None, process: bool = True) -> None:
         if max_queue is not None and max_queue < 0:
             raise ValueError(f"max_queue must be None or >= 0, got {max_queue}")
         self.max_queue = max_queue
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.process = process
+        self._core = _ProcessCore(config, max_queue) if process else _ThreadCore(config, max_queue)
+        self.info: EngineInfo = self._core.info
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
-        self._live: dict[str, RequestStream] = {}  # loop side: accepted and not yet finished
-        self._streams: dict[str, RequestStream] = {}  # engine-thread side
+        self._live: dict[str, RequestStream] = {}  # accepted (or being added) and not finished
+        self._adds: dict[str, asyncio.Future[None]] = {}
+        self._stats: dict[int, asyncio.Future[EngineStats]] = {}
+        self._stats_ids = itertools.count()
         self._accepting = True
         self.error: BaseException | None = None
-        self._built = threading.Event()
-        self._engine: Engine | None = None
-        self._thread = threading.Thread(
-            target=self._main, args=(engine_factory,), name="tinyserve-engine", daemon=True
-        )
-        self._thread.start()
-        self._built.wait()
-        if self._engine is None:
-            raise self.error or RuntimeError("the engine thread stopped before building the engine")
-
-    @classmethod
-    def from_config(cls, config: EngineConfig, *, max_queue: int | None = None) -> AsyncEngine:
-        return cls(lambda: Engine(config), max_queue=max_queue)
-
-    @property
-    def engine(self) -> Engine:
-        """The Engine. Outside the engine thread, use only what never changes after start-up
-        (tokenizer, max_model_len, arch, config, validate_prompt, device, kv_pool_tokens)."""
-        assert self._engine is not None
-        return self._engine
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -221,10 +394,11 @@ class AsyncEngine:
         if self._loop is not None:
             raise RuntimeError("AsyncEngine.start() was already called")
         self._loop = asyncio.get_running_loop()
+        self._core.start(self._loop, self._on_messages)
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        return self._core.alive and self.error is None
 
     @property
     def num_in_flight(self) -> int:
@@ -232,16 +406,17 @@ class AsyncEngine:
 
     async def shutdown(self, grace_s: float = 0.0) -> None:
         """Stop taking requests, give in-flight ones up to `grace_s` seconds to finish, abort the
-        rest (their streams raise RequestAbortedError) and stop the engine thread."""
+        rest (their streams raise RequestAbortedError) and stop the engine loop."""
         self._accepting = False
         deadline = time.monotonic() + max(grace_s, 0.0)
         while self._live and time.monotonic() < deadline and self.is_running:
             await asyncio.sleep(0.05)
         if self._live:
             logger.info("aborting %d in-flight request(s) for shutdown", len(self._live))
-        self._commands.put(_AbortAll("the server is shutting down"))
-        self._commands.put(_Stop())
-        await asyncio.to_thread(self._thread.join, 30.0)
+        self._core.send(("abort_all", "the server is shutting down"))
+        self._core.send(("stop",))
+        await asyncio.to_thread(self._core.join, 30.0)
+        self._core.close()
 
     def stop_accepting(self) -> None:
         """New requests get ShuttingDownError from now on (the first step of a graceful shutdown)."""
@@ -260,7 +435,7 @@ class AsyncEngine:
         prompt: str | None = None,
         stream: bool = False,
     ) -> RequestStream:
-        """Queue a request; returns its stream once the engine thread has accepted it.
+        """Queue a request; returns its stream once the engine has accepted it.
 
         stream=True: an output after every step with new tokens; False: only the final one.
         Raises ValueError (bad prompt or parameters, with the engine's message), QueueFullError,
@@ -269,14 +444,17 @@ class AsyncEngine:
         self._check_open()
         assert self._loop is not None
         rid = request_id or self.new_request_id()
-        s = RequestStream(
-            rid, stream=stream, detokenizer=self._stream_detokenizer(prompt_token_ids, params, stream)
-        )
+        if rid in self._live:
+            raise ValueError(f"request id {rid!r} is already in use")
+        ids = list(prompt_token_ids)
+        detokenizer = self._stream_detokenizer(ids, params, stream)
+        s = RequestStream(rid, stream=stream, prompt=prompt, prompt_token_ids=ids, detokenizer=detokenizer)
         accepted: asyncio.Future[None] = self._loop.create_future()
-        self._live[rid] = s  # before the command: its first output may arrive before we resume
-        self._commands.put(_Add(s, list(prompt_token_ids), params, prompt, accepted))
+        self._live[rid] = s  # before the command: its first output may arrive with the reply
+        self._adds[rid] = accepted
+        self._core.send(("add", rid, ids, params, prompt, stream, detokenizer is None))
         try:
-            await accepted  # raises what the engine thread raised
+            await accepted  # raises what the engine raised
         except asyncio.CancelledError:
             self.abort(rid)  # queued after the add, so the engine frees it right away
             raise
@@ -289,14 +467,16 @@ class AsyncEngine:
         """Abort a request (fire and forget; a finished or unknown id is ignored). Its KV blocks are
         freed before the engine's next step."""
         if self._live.pop(request_id, None) is not None:
-            self._commands.put(_Abort(request_id))
+            self._core.send(("abort", request_id))
 
     async def get_stats(self) -> EngineStats:
-        """A consistent snapshot, taken by the engine thread between two steps."""
+        """A consistent snapshot, taken by the engine between two steps."""
         self._check_alive()
         assert self._loop is not None
+        seq = next(self._stats_ids)
         result: asyncio.Future[EngineStats] = self._loop.create_future()
-        self._commands.put(_Stats(result))
+        self._stats[seq] = result
+        self._core.send(("stats", seq))
         return await result
 
     def _check_open(self) -> None:
@@ -306,168 +486,75 @@ class AsyncEngine:
 
     def _check_alive(self) -> None:
         if self.error is not None:
-            raise EngineDeadError(f"the engine stopped after an error: {self.error!r}")
+            raise self.error
         if self._loop is None:
             raise RuntimeError("AsyncEngine.start() was not called")
 
-    # ---- the engine thread -----------------------------------------------------------------------
-    def _main(self, engine_factory: Callable[[], Engine]) -> None:
-        try:
-            self._engine = engine_factory()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the constructor
-            self.error = e
-            return
-        finally:
-            self._built.set()
-        self._run()
-
-    def _run(self) -> None:
-        engine = self.engine
-        try:
-            while True:
-                busy = engine.has_unfinished_requests()
-                if not self._drain(block=not busy):
-                    break
-                if not engine.has_unfinished_requests():
-                    continue
-                outputs = engine.step()
-                if outputs:
-                    self._publish(outputs)
-        except BaseException as e:  # noqa: BLE001 - report anything to the waiting requests
-            logger.exception("the engine thread stopped with an error")
-            self.error = e
-            dead = EngineDeadError(f"the engine stopped after an error: {e!r}")
-            failed = [(s, dead) for s in self._streams.values()]
-            self._streams.clear()
-            self._send(_Replies(failed=failed))
-            self._fail_pending(dead)
-
-    def _drain(self, *, block: bool) -> bool:
-        """Handle every queued command (waiting for one if `block`). False when told to stop."""
-        replies = _Replies()
-        keep_going = True
-        try:
-            command = self._commands.get() if block else self._commands.get_nowait()
-            while True:
-                if isinstance(command, _Stop):
-                    keep_going = False
-                    break
-                self._handle(command, replies)
-                command = self._commands.get_nowait()
-        except queue.Empty:
-            pass
-        if replies.futures or replies.failed:
-            self._send(replies)
-        return keep_going
-
     def _stream_detokenizer(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, stream: bool
+        self, prompt_token_ids: list[int], params: SamplingParams, stream: bool
     ) -> Callable[[], IncrementalDetokenizer] | None:
         """For a stream without stop strings: decode on the event loop (see RequestStream)."""
-        tokenizer = self.engine.tokenizer
+        tokenizer = self.info.tokenizer
         if not stream or params.stop_list or tokenizer is None:
             return None
-        context = list(prompt_token_ids)
 
         def make() -> IncrementalDetokenizer:
             return IncrementalDetokenizer(
-                tokenizer, prompt_token_ids=context, skip_special_tokens=params.skip_special_tokens
+                tokenizer, prompt_token_ids=prompt_token_ids, skip_special_tokens=params.skip_special_tokens
             )
 
         return make
 
-    def _handle(self, command: object, replies: _Replies) -> None:
-        engine = self.engine
-        if isinstance(command, _Add):
-            replies.futures.append((command.accepted, None, self._add(command)))
-        elif isinstance(command, _Abort):
-            self._streams.pop(command.request_id, None)
-            engine.abort_request(command.request_id)
-        elif isinstance(command, _Stats):
-            replies.futures.append((command.result, engine.stats(), None))
-        elif isinstance(command, _AbortAll):
-            aborted = RequestAbortedError(f"request aborted: {command.reason}")
-            for rid, s in list(self._streams.items()):
-                engine.abort_request(rid)
-                replies.failed.append((s, aborted))
-            self._streams.clear()
+    # ---- messages from the core (on the event loop) -----------------------------------------------
+    def _on_messages(self, messages: list[Message]) -> None:
+        for message in messages:
+            kind = message[0]
+            if kind == "outputs":
+                self._on_outputs(message[1], message[2])
+            elif kind == "added":
+                self._on_added(message[1], message[2])
+            elif kind == "stats":
+                future = self._stats.pop(message[1], None)
+                if future is not None and not future.done():
+                    future.set_result(message[2])
+            elif kind == "aborted":
+                aborted = RequestAbortedError(f"request aborted: {message[2]}")
+                for rid in message[1]:
+                    s = self._live.pop(rid, None)
+                    if s is not None:
+                        s._fail(aborted)
+            elif kind == "dead":
+                self._on_dead(message[1])
 
-    def _add(self, command: _Add) -> BaseException | None:
-        engine = self.engine
-        if self.max_queue is not None and engine.scheduler.num_waiting >= self.max_queue:
-            return QueueFullError(
-                f"the server is busy: {engine.scheduler.num_waiting} requests are waiting and the queue "
-                f"holds at most {self.max_queue}; retry later"
-            )
-        rid = command.stream.request_id
-        try:
-            engine.add_request(
-                rid,
-                command.prompt_token_ids,
-                command.params,
-                prompt=command.prompt,
-                stream=command.stream.stream,
-                detokenize=command.stream._new_detokenizer is None,
-            )
-        except ValueError as e:
-            return e
-        except Exception as e:  # noqa: BLE001 - one bad request must not stop the engine thread
-            logger.exception("add_request failed for %s", rid)
-            engine.abort_request(rid)  # drop anything half-added
-            return e
-        self._streams[rid] = command.stream
-        return None
-
-    def _publish(self, outputs: list[RequestOutput]) -> None:
-        now = time.monotonic()
-        batch = []
-        streams = self._streams
-        for out in outputs:
-            s = streams.get(out.request_id)
-            if s is None:
-                continue
-            if out.finished:
-                del streams[out.request_id]
-            batch.append((s, out))
-        if batch:
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._deliver, batch, now)
-
-    def _send(self, replies: _Replies) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._resolve, replies)
-
-    def _fail_pending(self, error: BaseException) -> None:
-        """After a crash: answer every command still queued, so no caller waits forever."""
-        replies = _Replies()
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(command, _Add):
-                replies.futures.append((command.accepted, None, error))
-            elif isinstance(command, _Stats):
-                replies.futures.append((command.result, None, error))
-        self._send(replies)
-
-    # ---- back on the event loop ------------------------------------------------------------------
-    def _deliver(self, batch: list[tuple[RequestStream, RequestOutput]], step_time: float) -> None:
+    def _on_outputs(self, step_time: float, deltas: list[tuple]) -> None:
         live = self._live
-        for s, out in batch:
-            s._put(out, step_time)
-            if out.finished:
-                live.pop(s.request_id, None)
-
-    def _resolve(self, replies: _Replies) -> None:
-        for future, value, error in replies.futures:
-            if future.done():  # the caller was cancelled
+        for delta in deltas:
+            s = live.get(delta[0])
+            if s is None:  # aborted here after the engine produced it
                 continue
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(value)
-        for s, error in replies.failed:
-            s._fail(error)
-            self._live.pop(s.request_id, None)
+            s._apply(delta, step_time)
+            if delta[1]:
+                del live[delta[0]]
+
+    def _on_added(self, rid: str, error: BaseException | None) -> None:
+        future = self._adds.pop(rid, None)
+        if future is None or future.done():  # the caller was cancelled (and aborted it)
+            return
+        if error is not None:
+            self._live.pop(rid, None)
+            future.set_exception(error)
+        else:
+            future.set_result(None)
+
+    def _on_dead(self, reason: str) -> None:
+        logger.error("the engine stopped: %s", reason)
+        self.error = EngineDeadError(f"the engine stopped after an error: {reason}")
+        pending: list[asyncio.Future[Any]] = [*self._adds.values(), *self._stats.values()]
+        for future in pending:
+            if not future.done():
+                future.set_exception(self.error)
+        self._adds.clear()
+        self._stats.clear()
+        for s in self._live.values():
+            s._fail(self.error)
+        self._live.clear()

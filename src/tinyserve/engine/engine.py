@@ -139,10 +139,7 @@ class Engine:
         self.arch = arch
         self.device = next(model.parameters()).device
         self.dtype = model.dtype
-        self.tokenizer: Tokenizer | None = None
-        if not config.skip_tokenizer_init:
-            tokenizer_path = config.tokenizer or model_dir_of(config.model, config.revision)
-            self.tokenizer = Tokenizer.from_pretrained(tokenizer_path, chat_template=config.chat_template)
+        self.tokenizer = load_tokenizer(config)
         self.max_model_len = resolve_max_model_len(config.max_model_len, arch.max_model_len)
         tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else []
         self.eos_token_ids = tuple(dict.fromkeys([*arch.eos_token_ids, *tokenizer_eos]))
@@ -565,6 +562,14 @@ def check_prompt(
     if params.logprobs is not None and params.logprobs > vocab_size:
         raise ValueError(f"logprobs must be <= the vocabulary size ({vocab_size}), got {params.logprobs}")
     return max_tokens
+
+
+def load_tokenizer(config: EngineConfig) -> Tokenizer | None:
+    """The tokenizer an engine with this config uses (None with skip_tokenizer_init)."""
+    if config.skip_tokenizer_init:
+        return None
+    path = config.tokenizer or model_dir_of(config.model, config.revision)
+    return Tokenizer.from_pretrained(path, chat_template=config.chat_template)
 
 
 def model_dir_of(model: str, revision: str | None) -> str:

@@ -50,6 +50,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         default=10.0,
         help="seconds in-flight requests may run on after SIGTERM/SIGINT before they are aborted",
     )
+    g.add_argument(
+        "--engine-core",
+        default="process",
+        choices=("process", "thread"),
+        help="where the engine's step loop runs: its own process (default; HTTP work never holds "
+        "it up) or a thread of the server process (shares the GIL with the HTTP event loop)",
+    )
     g.add_argument("--log-level", default="info", choices=_LOG_LEVELS, help="TinyServe's log level")
     g.add_argument(
         "--uvicorn-log-level",
@@ -74,13 +81,15 @@ def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # NOTE: the engine thread and the event loop share the GIL. With the default 5 ms switch
-    # interval a busy loop (hundreds of SSE writes per step) holds the engine thread off for whole
-    # intervals at a time; a short interval hands the GIL over as soon as the engine wants it.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    process = args.engine_core == "process"
+    if not process:
+        # NOTE: the engine thread and the event loop share the GIL. With the default 5 ms switch
+        # interval a busy loop (hundreds of SSE writes per step) holds the engine thread off for
+        # whole intervals at a time; a short interval hands the GIL over as soon as it is wanted.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
     t0 = time.perf_counter()
-    async_engine = AsyncEngine.from_config(engine_config, max_queue=args.max_queue)  # loads the model
-    engine = async_engine.engine
+    async_engine = AsyncEngine(engine_config, max_queue=args.max_queue, process=process)  # loads the model
+    engine = async_engine.info
     name = args.served_model_name or engine_config.model
     state = ServerState(
         engine=async_engine,

@@ -197,6 +197,6 @@ def chat_sampling_params(state: ServerState, req: ChatCompletionRequest) -> Samp
 def check_fits(state: ServerState, prompt: Prompt, params: SamplingParams) -> None:
     """Prompt + max_tokens against the context length, before anything is queued (400 with both numbers)."""
     try:
-        state.engine.engine.validate_prompt(prompt.token_ids, params)
+        state.engine.info.validate_prompt(prompt.token_ids, params)
     except ValueError as e:
         raise APIError(400, str(e), param="max_tokens" if "max_tokens" in str(e) else "prompt") from e

@@ -33,16 +33,16 @@ class ServerState:
     @property
     def tokenizer(self) -> Tokenizer | None:
         """None when the engine runs without one (--skip-tokenizer-init)."""
-        return self.engine.engine.tokenizer
+        return self.engine.info.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.info.max_model_len
 
     @property
     def max_num_seqs(self) -> int:
-        return self.engine.engine.config.max_num_seqs
+        return self.engine.info.config.max_num_seqs
 
     @property
     def vocab_size(self) -> int:
-        return self.engine.engine.arch.vocab_size
+        return self.engine.info.arch.vocab_size
