@@ -27,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing.connection
+import queue
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -280,5 +282,26 @@ def run_engine_process(
             logger.warning("the server front went away; stopping the engine")
             return None
 
-    EngineCore(engine, send=messages.send, max_queue=max_queue).run(receive)
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    writer = threading.Thread(target=_write_messages, args=(outbox, messages), name="engine-writer")
+    writer.start()
+    EngineCore(engine, send=outbox.put, max_queue=max_queue).run(receive)
+    outbox.put(None)
+    writer.join()
     messages.close()
+
+
+def _write_messages(outbox: queue.SimpleQueue, messages: multiprocessing.connection.Connection) -> None:
+    """Pickle and write the core's messages off the step loop.
+
+    NOTE: a pipe holds ~64 KB, a few steps of outputs at a few hundred streams. Written from the
+    step loop, a front busy with HTTP would block the engine as soon as it fell that far behind;
+    from this thread the engine steps on and the front later reads everything that piled up."""
+    while True:
+        batch = outbox.get()
+        if batch is None:
+            return
+        try:
+            messages.send(batch)
+        except (BrokenPipeError, OSError):
+            return  # the front is gone; the loop stops when its command pipe closes
