@@ -15,45 +15,28 @@ inputs when one copy would fit in L2; the median of the replays after warm-up is
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import fmt_time, print_table, time_graph  # noqa: E402
 from _timing import copy_bandwidth, device_name, time_cpu  # noqa: E402
 from tinyserve import ops  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
-
-
-def time_graph(calls: list[Callable[[], object]], repeat: int = 15) -> float:
-    """Median seconds per call of `calls`, captured back to back in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside the graph (first-call setup, allocator)
-        for fn in calls:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3 / len(calls))
-    return statistics.median(samples)
+HEAD = (
+    "case",
+    "ours",
+    "ours rate",
+    "of copy BW",
+    "SDPA (contiguous)",
+    "SDPA time / ours",
+    "rel. err vs SDPA",
+)
 
 
 class DecodeCase:
@@ -98,6 +81,9 @@ class DecodeCase:
     def sdpa(self) -> torch.Tensor:
         return F.scaled_dot_product_attention(self.q_dense, self.k_dense, self.v_dense, enable_gqa=True)
 
+    def sdpa_as_ours(self) -> torch.Tensor:  # [seqs, heads, head_dim]
+        return self.sdpa()[:, :, 0]
+
     def kv_bytes(self) -> int:
         return (
             2
@@ -107,6 +93,9 @@ class DecodeCase:
             * HEAD_DIM
             * self.query.element_size()
         )
+
+    def work(self) -> tuple[float, str]:  # K and V bytes read
+        return float(self.kv_bytes()), "B/s"
 
 
 class PrefillCase:
@@ -158,9 +147,9 @@ class PrefillCase:
     def sdpa_as_ours(self) -> torch.Tensor:  # [tokens, heads, head_dim]
         return self.sdpa().transpose(1, 2).reshape(-1, NUM_HEADS, HEAD_DIM)
 
-    def flops(self) -> float:  # QK^T and PV over the causal triangle
+    def work(self) -> tuple[float, str]:  # QK^T and PV over the causal triangle
         n = self.prompt_len
-        return 4.0 * self.num_seqs * NUM_HEADS * HEAD_DIM * n * (n + 1) / 2
+        return 4.0 * self.num_seqs * NUM_HEADS * HEAD_DIM * n * (n + 1) / 2, "FLOP/s"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -168,14 +157,43 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def fmt_time(seconds: float) -> str:
-    return f"{seconds * 1e6:.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
+def fmt_rate(per_second: float, unit: str) -> str:
+    """1561 GB/s, 2.4 GB/s, 235 TFLOP/s, 5.3 GFLOP/s."""
+    scale, prefix = (1e12, "T") if unit == "FLOP/s" and per_second >= 1e12 else (1e9, "G")
+    value = per_second / scale
+    return f"{value:.0f} {prefix}{unit}" if value >= 100 else f"{value:.1f} {prefix}{unit}"
+
+
+Case = DecodeCase | PrefillCase
+Timer = Callable[[list[Callable[[], object]]], float]  # calls -> seconds per call
+
+
+def measure(name: str, cases: Sequence[Case], timer: Timer, copy_bw: float | None) -> tuple[str, ...]:
+    """One table row: ours and SDPA timed over `cases` (copies of one problem), error on the first."""
+    t_ours = timer([c.ours for c in cases])
+    t_sdpa = timer([c.sdpa for c in cases])
+    err = rel_err(cases[0].ours(), cases[0].sdpa_as_ours())
+    amount, unit = cases[0].work()
+    share = f"{amount / t_ours / copy_bw * 100:.0f}%" if copy_bw and unit == "B/s" else "-"
+    return (
+        name,
+        fmt_time(t_ours),
+        fmt_rate(amount / t_ours, unit),
+        share,
+        fmt_time(t_sdpa),
+        f"{t_sdpa / t_ours:.2f}x",
+        f"{err:.1e}",
+    )
 
 
 def run_gpu(args: argparse.Namespace) -> None:
     dtype = torch.bfloat16
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     copy_bw = copy_bandwidth()
+
+    def timer(calls: list[Callable[[], object]]) -> float:  # --calls calls, cycling over the copies
+        return time_graph(calls * max(1, args.calls // len(calls)))
+
     rows = []
     for num_seqs, context_len in ((1, 8192), (8, 8192), (64, 2048), (256, 1024)):
         first = DecodeCase(num_seqs, context_len, "cuda", dtype, seed=num_seqs)
@@ -184,113 +202,36 @@ def run_gpu(args: argparse.Namespace) -> None:
             DecodeCase(num_seqs, context_len, "cuda", dtype, seed=num_seqs + i)
             for i in range(1, min(8, max(1, -(-4 * l2 // first.kv_bytes()))))
         ]
-        calls = [c.ours for c in copies] * max(1, args.calls // len(copies))
-        t_ours = time_graph(calls)
-        t_sdpa = time_graph([c.sdpa for c in copies] * max(1, args.calls // len(copies)))
-        err = rel_err(first.ours(), first.sdpa()[:, :, 0])
-        gbs = first.kv_bytes() / t_ours
-        rows.append(
-            (
-                f"decode {num_seqs} x {context_len}",
-                fmt_time(t_ours),
-                f"{gbs / 1e9:.0f} GB/s",
-                f"{gbs / copy_bw * 100:.0f}%",
-                fmt_time(t_sdpa),
-                f"{t_sdpa / t_ours:.2f}x",
-                f"{err:.1e}",
-            )
-        )
+        rows.append(measure(f"decode {num_seqs} x {context_len}", copies, timer, copy_bw))
         del copies, first
         torch.cuda.empty_cache()
     case = PrefillCase(8, 2048, "cuda", dtype, seed=1)
-    t_ours = time_graph([case.ours] * 5)
-    t_sdpa = time_graph([case.sdpa] * 5)
-    err = rel_err(case.ours(), case.sdpa_as_ours())
-    rows.append(
-        (
-            "prefill 8 x 2048 causal",
-            fmt_time(t_ours),
-            f"{case.flops() / t_ours / 1e12:.0f} TFLOP/s",
-            "-",
-            fmt_time(t_sdpa),
-            f"{t_sdpa / t_ours:.2f}x",
-            f"{err:.1e}",
-        )
-    )
+    rows.append(measure("prefill 8 x 2048 causal", [case], lambda calls: time_graph(calls * 5), copy_bw))
     print(
         f"\npaged attention, bf16, {NUM_HEADS} heads / {NUM_KV_HEADS} KV heads, head_dim {HEAD_DIM}, "
         f"block size {BLOCK_SIZE}; device: {device_name()}; copy bandwidth {copy_bw / 1e9:.0f} GB/s"
     )
-    print_table(
-        (
-            "case",
-            "ours",
-            "ours rate",
-            "of copy BW",
-            "SDPA (contiguous)",
-            "SDPA time / ours",
-            "rel. err vs SDPA",
-        ),
-        rows,
-    )
+    print_table(HEAD, rows)
 
 
 def run_cpu(args: argparse.Namespace) -> None:
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    rows = []
-    for num_seqs, context_len in ((1, 2048), (8, 1024), (32, 256)):
-        case = DecodeCase(num_seqs, context_len, "cpu", dtype, seed=num_seqs)
-        t_ours = time_cpu(case.ours, repeat=5)
-        t_sdpa = time_cpu(case.sdpa, repeat=5)
-        err = rel_err(case.ours(), case.sdpa()[:, :, 0])
-        rows.append(
-            (
-                f"decode {num_seqs} x {context_len}",
-                fmt_time(t_ours),
-                f"{case.kv_bytes() / t_ours / 1e9:.1f} GB/s",
-                "-",
-                fmt_time(t_sdpa),
-                f"{t_sdpa / t_ours:.2f}x",
-                f"{err:.1e}",
-            )
-        )
-    case = PrefillCase(2, 256, "cpu", dtype, seed=1)
-    t_ours = time_cpu(case.ours, repeat=3)
-    t_sdpa = time_cpu(case.sdpa, repeat=3)
+
+    def timer(repeat: int) -> Timer:
+        return lambda calls: time_cpu(calls[0], repeat=repeat)
+
+    rows = [
+        measure(f"decode {n} x {ctx}", [DecodeCase(n, ctx, "cpu", dtype, seed=n)], timer(5), None)
+        for n, ctx in ((1, 2048), (8, 1024), (32, 256))
+    ]
     rows.append(
-        (
-            "prefill 2 x 256 causal",
-            fmt_time(t_ours),
-            f"{case.flops() / t_ours / 1e9:.1f} GFLOP/s",
-            "-",
-            fmt_time(t_sdpa),
-            f"{t_sdpa / t_ours:.2f}x",
-            f"{rel_err(case.ours(), case.sdpa_as_ours()):.1e}",
-        )
+        measure("prefill 2 x 256 causal", [PrefillCase(2, 256, "cpu", dtype, seed=1)], timer(3), None)
     )
     print(
         f"\npaged attention, {args.dtype}, {NUM_HEADS} heads / {NUM_KV_HEADS} KV heads, head_dim {HEAD_DIM}, "
         f"block size {BLOCK_SIZE}; device: {device_name()}"
     )
-    print_table(
-        (
-            "case",
-            "ours",
-            "ours rate",
-            "of copy BW",
-            "SDPA (contiguous)",
-            "SDPA time / ours",
-            "rel. err vs SDPA",
-        ),
-        rows,
-    )
-
-
-def print_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_table(HEAD, rows)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import print_table  # noqa: E402
 from _timing import device_name, time_cpu, time_cuda  # noqa: E402
 from tinyserve import ops  # noqa: E402
 
@@ -73,24 +74,25 @@ def main() -> None:
         "GPU TFLOP/s",
         "equal",
     )
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
+    table = []
     for n, oc, tc, og, cb, eq in rows:
         cpu_ratio = f"{oc / tc:.2f}x" if oc and tc else "-"
         gpu_ratio = f"{og / cb:.2f}x" if og and cb else "-"
         tflops = f"{2 * n**3 / og / 1e12:.1f}" if og else "-"
-        cells = (
-            str(n),
-            fmt(oc),
-            fmt(tc),
-            cpu_ratio,
-            fmt(og),
-            fmt(cb),
-            gpu_ratio,
-            tflops,
-            f"Results are equal: {eq}",
+        table.append(
+            (
+                str(n),
+                fmt(oc),
+                fmt(tc),
+                cpu_ratio,
+                fmt(og),
+                fmt(cb),
+                gpu_ratio,
+                tflops,
+                f"Results are equal: {eq}",
+            )
         )
-        print("| " + " | ".join(cells) + " |")
+    print_table(head, table)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,25 @@ void matmul(const TensorView& a, const TensorView& b, const TensorView& c, uintp
   }
 }
 
+// bias: None for no bias.
+void skinny_gemm(const TensorView& x, const TensorView& weight, std::optional<TensorView> bias, const TensorView& out,
+                 uintptr_t stream) {
+  tinyserve::SkinnyGemmArgs args;
+  args.x = x;
+  args.weight = weight;
+  if (bias) args.bias = *bias;
+  args.out = out;
+  if (out.is_cuda()) {
+#ifdef TINYSERVE_WITH_CUDA
+    tinyserve::cuda::skinny_gemm(args, stream);
+#else
+    no_cuda("skinny_gemm");
+#endif
+  } else {
+    tinyserve::cpu::skinny_gemm(args);
+  }
+}
+
 void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
                        const TensorView& value_cache, const TensorView& slot_mapping, uintptr_t stream) {
   const tinyserve::ReshapeAndCacheArgs args{key, value, key_cache, value_cache, slot_mapping};
@@ -223,6 +242,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "What was compiled: CUDA on/off, version, architectures, OpenMP, compiler.");
   m.def("matmul", &matmul, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("skinny_gemm", &skinny_gemm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.attr("skinny_max_rows") = tinyserve::kSkinnyMaxRows;
   m.def("reshape_and_cache", &reshape_and_cache, py::arg("key"), py::arg("value"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("slot_mapping"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("paged_attention_decode", &paged_attention_decode, py::arg("query"), py::arg("key_cache"),

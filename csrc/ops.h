@@ -20,6 +20,28 @@ void matmul(const TensorView& a, const TensorView& b, const TensorView& c, uintp
 }  // namespace cuda
 #endif
 
+// ---- skinny GEMM for decode (Python side: tinyserve/ops/matmul.py skinny_linear) ----
+
+// out[m, n] = x[m, k] @ weight[n, k]^T (+ bias[n]): the linear layer at decode sizes, m <= 16 token
+// rows against a weight in torch's Linear layout. float16/bfloat16, float32 accumulation, one rounding
+// (after the bias add). k a multiple of 8; x, weight, out, bias contiguous (CUDA: x and weight
+// 16-byte aligned). bias.data == nullptr: no bias.
+constexpr int64_t kSkinnyMaxRows = 16;
+
+struct SkinnyGemmArgs {
+  TensorView x, weight, bias, out;
+};
+
+namespace cpu {
+void skinny_gemm(const SkinnyGemmArgs& args);
+}  // namespace cpu
+
+#ifdef TINYSERVE_WITH_CUDA
+namespace cuda {
+void skinny_gemm(const SkinnyGemmArgs& args, uintptr_t stream);
+}  // namespace cuda
+#endif
+
 // ---- paged KV cache and attention (issue 4; Python side: tinyserve/ops/cache.py, attention.py) ----
 
 // key, value [num_tokens, num_kv_heads, head_dim] -> key_cache, value_cache

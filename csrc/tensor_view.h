@@ -64,7 +64,8 @@ struct TensorView {
     for (int i = 0; i < ndim; ++i) n *= shape[i];
     return n;
   }
-  bool is_contiguous() const {
+  bool is_contiguous() const {  // as torch: an empty tensor is contiguous whatever its strides
+    if (numel() == 0) return true;
     int64_t expected = 1;
     for (int i = ndim - 1; i >= 0; --i) {
       if (shape[i] != 1 && strides[i] != expected) return false;

@@ -9,6 +9,7 @@
 #include <string>
 #include <type_traits>
 
+#include "../op_checks.h"
 #include "../ops.h"
 #include "half.h"
 
@@ -196,53 +197,17 @@ struct SiluFn {
   static void run(const SiluAndMulArgs& a) { silu_and_mul_impl<T>(a); }
 };
 
-bool rows_ok(const TensorView& t) { return (t.ndim == 2 || t.ndim == 3) && t.stride(-1) == 1; }
-
-bool same_shape(const TensorView& a, const TensorView& b) {
-  if (a.ndim != b.ndim) return false;
-  for (int i = 0; i < a.ndim; ++i) {
-    if (a.shape[i] != b.shape[i]) return false;
-  }
-  return true;
-}
-
 }  // namespace
 
 void rms_norm(const RmsNormArgs& a) {
-  const bool add = a.residual.data != nullptr;
-  check(rows_ok(a.x) && rows_ok(a.out) && same_shape(a.x, a.out),
-        "rms_norm: x and out must be 2-D or 3-D of one shape with a unit last stride");
-  check(!add || (rows_ok(a.residual) && same_shape(a.x, a.residual)),
-        "fused_add_rms_norm: residual must have x's shape and a unit last stride");
-  check(a.weight.ndim == 1 && a.weight.size(0) == a.x.size(-1) && a.weight.stride(0) == 1,
-        "rms_norm: weight must be [hidden] and contiguous");
-  check(a.out.dtype == a.x.dtype && a.weight.dtype == a.x.dtype && (!add || a.residual.dtype == a.x.dtype),
-        "rms_norm: x, weight, out (and residual) must share one dtype");
+  check_rms_norm_args(a);
   if (a.x.numel() == 0) return;
   dispatch<RmsNormFn>(a.x.dtype, "rms_norm", a);
 }
 
 void rotary_embedding(const RotaryArgs& a) {
+  check_rotary_args(a);
   const TensorView &q = a.query, &k = a.key, &cache = a.cos_sin_cache;
-  check(q.ndim == 3 && k.ndim == 3 && q.size(0) == k.size(0) && q.size(2) == k.size(2),
-        "rotary_embedding: query/key must be [num_tokens, num_(kv_)heads, head_dim]");
-  check(q.stride(2) == 1 && k.stride(2) == 1, "rotary_embedding: query/key need a unit last stride");
-  check(a.positions.ndim == 1 && a.positions.size(0) == q.size(0) &&
-            (a.positions.dtype == DType::kInt32 || a.positions.dtype == DType::kInt64),
-        "rotary_embedding: positions must be [num_tokens] int32 or int64");
-  check(q.dtype == k.dtype && cache.dtype == q.dtype, "rotary_embedding: query, key and the cache share a dtype");
-  check(a.rotary_dim > 0 && a.rotary_dim % 2 == 0 && a.rotary_dim <= q.size(2),
-        "rotary_embedding: rotary_dim must be even and in (0, head_dim]");
-  check(cache.ndim == 2 && cache.size(1) == a.rotary_dim && cache.stride(1) == 1,
-        "rotary_embedding: cos_sin_cache must be [max_position, rotary_dim] with a unit last stride");
-  const bool norm = a.q_norm_weight.data != nullptr;
-  check(norm == (a.k_norm_weight.data != nullptr), "rotary_embedding: give both q/k norm weights or neither");
-  if (norm) {
-    for (const TensorView* w : {&a.q_norm_weight, &a.k_norm_weight}) {
-      check(w->ndim == 1 && w->size(0) == q.size(2) && w->stride(0) == 1 && w->dtype == q.dtype,
-            "rotary_embedding: q/k norm weights must be contiguous [head_dim] of the query's dtype");
-    }
-  }
   const RopeShape s{q.size(0), q.size(1), k.size(1), q.size(2), a.rotary_dim / 2};
   // Validate every position first (serially), so no exception has to leave an OpenMP region.
   const int64_t max_position = cache.size(0);
@@ -259,10 +224,7 @@ void rotary_embedding(const RotaryArgs& a) {
 }
 
 void silu_and_mul(const SiluAndMulArgs& a) {
-  check(a.x.ndim == 2 && a.out.ndim == 2 && a.x.size(0) == a.out.size(0) && a.x.size(1) == 2 * a.out.size(1),
-        "silu_and_mul: x must be [num_tokens, 2 * d] and out [num_tokens, d]");
-  check(a.x.stride(1) == 1 && a.out.stride(1) == 1, "silu_and_mul: x and out need a unit last stride");
-  check(a.x.dtype == a.out.dtype, "silu_and_mul: x and out must share one dtype");
+  check_silu_and_mul_args(a);
   if (a.out.numel() == 0) return;
   dispatch<SiluFn>(a.x.dtype, "silu_and_mul", a);
 }

@@ -19,23 +19,14 @@ namespace {
 
 using attn::KernelInfo;
 using attn::Params;
+using attn::warp_max;
+using attn::warp_sum;
 
 constexpr int kMaxSplits = 64;
 constexpr int kMinPartition = 128;  // keys per split, at least (fewer make the merge cost show)
 constexpr int kMaxHeadDim = 256;
 
 // ---- merge of split-KV partials -----------------------------------------------------------------
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // One warp per (token, head) row: out = sum_s w_s o_s / sum_s w_s l_s, w_s = 2^(m_s - max m) l_s.
 template <typename T>

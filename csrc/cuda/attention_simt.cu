@@ -19,17 +19,6 @@ __host__ __device__ constexpr int simt_smem_floats(int d) {
   return 2 * kRows * d + 2 * kKeys * (d + 1) + kRows * kKeys + 3 * kRows;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads) simt_attention_kernel(const Params p) {
   Work w;

@@ -12,7 +12,7 @@ from typing import Any
 from .attention import paged_attention_decode, paged_attention_prefill
 from .cache import reshape_and_cache
 from .fused import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
-from .matmul import matmul
+from .matmul import SKINNY_MAX_ROWS, matmul, skinny_linear, skinny_linear_supported
 
 
 def build_info() -> dict[str, Any]:
@@ -28,6 +28,7 @@ def cuda_kernels_available() -> bool:
 
 
 __all__ = [
+    "SKINNY_MAX_ROWS",
     "build_info",
     "cuda_kernels_available",
     "fused_add_rms_norm",
@@ -38,4 +39,6 @@ __all__ = [
     "rms_norm",
     "rotary_embedding",
     "silu_and_mul",
+    "skinny_linear",
+    "skinny_linear_supported",
 ]

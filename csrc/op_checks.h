@@ -1,0 +1,94 @@
+// Argument checks shared by an op's CPU twin (csrc/cpu) and its CUDA kernel (csrc/cuda), so the two
+// accept exactly the same arguments. Launch limits that only the CUDA side has (sizes past 2^31,
+// pointer alignment for vector loads) stay in the .cu files.
+#pragma once
+
+#include <string>
+
+#include "ops.h"
+
+namespace tinyserve {
+
+// 2-D [rows, width] or 3-D [n, inner, width] with a unit last stride.
+inline bool rows_ok(const TensorView& t) { return (t.ndim == 2 || t.ndim == 3) && t.stride(-1) == 1; }
+
+inline bool same_shape(const TensorView& a, const TensorView& b) {
+  if (a.ndim != b.ndim) return false;
+  for (int i = 0; i < a.ndim; ++i) {
+    if (a.shape[i] != b.shape[i]) return false;
+  }
+  return true;
+}
+
+inline void check_rms_norm_args(const RmsNormArgs& a) {
+  const bool add = a.residual.data != nullptr;
+  check(rows_ok(a.x) && rows_ok(a.out) && same_shape(a.x, a.out),
+        "rms_norm: x and out must be 2-D or 3-D of one shape with a unit last stride");
+  check(!add || (rows_ok(a.residual) && same_shape(a.x, a.residual)),
+        "fused_add_rms_norm: residual must have x's shape and a unit last stride");
+  check(a.weight.ndim == 1 && a.weight.size(0) == a.x.size(-1) && a.weight.stride(0) == 1,
+        "rms_norm: weight must be [hidden] and contiguous");
+  check(a.out.dtype == a.x.dtype && a.weight.dtype == a.x.dtype && (!add || a.residual.dtype == a.x.dtype),
+        "rms_norm: x, weight, out (and residual) must share one dtype");
+  check(a.out.device == a.x.device && a.weight.device == a.x.device && (!add || a.residual.device == a.x.device),
+        "rms_norm: x, weight, out (and residual) must be on one device");
+}
+
+inline void check_rotary_args(const RotaryArgs& a) {
+  const TensorView &q = a.query, &k = a.key, &cache = a.cos_sin_cache;
+  check(q.ndim == 3 && k.ndim == 3 && q.size(0) == k.size(0) && q.size(2) == k.size(2),
+        "rotary_embedding: query/key must be [num_tokens, num_(kv_)heads, head_dim]");
+  check(q.stride(2) == 1 && k.stride(2) == 1, "rotary_embedding: query/key need a unit last stride");
+  check(a.positions.ndim == 1 && a.positions.size(0) == q.size(0) &&
+            (a.positions.dtype == DType::kInt32 || a.positions.dtype == DType::kInt64),
+        "rotary_embedding: positions must be [num_tokens] int32 or int64");
+  check(q.dtype == k.dtype && cache.dtype == q.dtype, "rotary_embedding: query, key and the cache share a dtype");
+  check(a.rotary_dim > 0 && a.rotary_dim % 2 == 0 && a.rotary_dim <= q.size(2),
+        "rotary_embedding: rotary_dim must be even and in (0, head_dim]");
+  check(cache.ndim == 2 && cache.size(1) == a.rotary_dim && cache.stride(1) == 1,
+        "rotary_embedding: cos_sin_cache must be [max_position, rotary_dim] with a unit last stride");
+  const bool norm = a.q_norm_weight.data != nullptr;
+  check(norm == (a.k_norm_weight.data != nullptr), "rotary_embedding: give both q/k norm weights or neither");
+  for (const TensorView* t : {&k, &cache, &a.positions}) {
+    check(t->device == q.device, "rotary_embedding: all tensors must be on one device");
+  }
+  if (norm) {
+    for (const TensorView* w : {&a.q_norm_weight, &a.k_norm_weight}) {
+      check(w->ndim == 1 && w->size(0) == q.size(2) && w->stride(0) == 1 && w->dtype == q.dtype &&
+                w->device == q.device,
+            "rotary_embedding: q/k norm weights must be contiguous [head_dim] of the query's dtype and device");
+    }
+  }
+}
+
+inline void check_silu_and_mul_args(const SiluAndMulArgs& a) {
+  check(a.x.ndim == 2 && a.out.ndim == 2 && a.x.size(0) == a.out.size(0) && a.x.size(1) == 2 * a.out.size(1),
+        "silu_and_mul: x must be [num_tokens, 2 * d] and out [num_tokens, d]");
+  check(a.x.stride(1) == 1 && a.out.stride(1) == 1, "silu_and_mul: x and out need a unit last stride");
+  check(a.x.dtype == a.out.dtype, "silu_and_mul: x and out must share one dtype");
+  check(a.x.device == a.out.device, "silu_and_mul: x and out must be on one device");
+}
+
+inline void check_skinny_gemm_args(const SkinnyGemmArgs& a) {
+  const TensorView &x = a.x, &w = a.weight, &out = a.out, &bias = a.bias;
+  const bool has_bias = bias.data != nullptr;
+  check(x.ndim == 2 && w.ndim == 2 && out.ndim == 2 && (!has_bias || bias.ndim == 1),
+        "skinny_gemm: x [m, k], weight [n, k] and out [m, n] must be 2-D (bias [n] 1-D)");
+  check(x.dtype == DType::kFloat16 || x.dtype == DType::kBFloat16,
+        std::string("skinny_gemm: unsupported dtype ") + dtype_name(x.dtype) + "; supported: float16, bfloat16");
+  check(w.dtype == x.dtype && out.dtype == x.dtype && (!has_bias || bias.dtype == x.dtype),
+        "skinny_gemm: x, weight, out (and bias) must share one dtype");
+  check(x.size(0) <= kSkinnyMaxRows,
+        "skinny_gemm: x has " + std::to_string(x.size(0)) + " rows; at most " + std::to_string(kSkinnyMaxRows) +
+            " are supported");
+  check(w.size(1) == x.size(1), "skinny_gemm: x [m, k] and weight [n, k] must share k");
+  check(x.size(1) % 8 == 0, "skinny_gemm: k = " + std::to_string(x.size(1)) + " is not a multiple of 8");
+  check(out.size(0) == x.size(0) && out.size(1) == w.size(0), "skinny_gemm: out must be [m, n]");
+  check(!has_bias || bias.size(0) == w.size(0), "skinny_gemm: bias must be [n]");
+  check(x.is_contiguous() && w.is_contiguous() && out.is_contiguous() && (!has_bias || bias.is_contiguous()),
+        "skinny_gemm: x, weight, out and bias must be contiguous");
+  check(w.device == x.device && out.device == x.device && (!has_bias || bias.device == x.device),
+        "skinny_gemm: all tensors must be on one device");
+}
+
+}  // namespace tinyserve
