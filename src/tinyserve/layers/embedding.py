@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyserve.layers.linear import linear
-
 
 class VocabEmbedding(nn.Module):
     """forward(token_ids [num_tokens]) -> [num_tokens, hidden_size]. weight [vocab_size, hidden_size]."""
@@ -44,4 +42,4 @@ class LMHead(nn.Module):
         self.weight = tied_weight  # [vocab_size, hidden_size]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.weight).float()
+        return F.linear(hidden, self.weight).float()

@@ -1,6 +1,5 @@
 """Dense projections: a plain linear layer and a fused one holding several projections of the same
-input (q/k/v, gate/up) in one weight, so each runs as one matrix product, and the dispatch every
-product with a weight goes through (`linear`)."""
+input (q/k/v, gate/up) in one weight, so each runs as one matrix product."""
 
 from __future__ import annotations
 
@@ -9,22 +8,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from tinyserve import ops
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [num_tokens, in_features] @ weight.T [in_features, out_features] (+ bias [out_features]).
-
-    Decode-sized products on CUDA (at most ops.SKINNY_MAX_ROWS token rows, float16/bfloat16, what
-    ops.skinny_linear takes) run TinyServe's skinny GEMM, which streams the weight at close to the
-    card's bandwidth where cuBLAS picks slower split-K kernels; everything else goes to F.linear.
-    NOTE: the choice depends only on shapes, dtypes, devices and alignment, never on values, so a
-    CUDA graph captured for a batch size keeps replaying the right kernel.
-    """
-    if x.is_cuda and x.shape[0] <= ops.SKINNY_MAX_ROWS and ops.skinny_linear_supported(x, weight, bias):
-        return ops.skinny_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Module):
@@ -42,7 +25,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [num_tokens, input_size] -> [num_tokens, output_size]."""
-        return linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"

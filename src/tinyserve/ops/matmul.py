@@ -1,10 +1,11 @@
-"""Our own matrix products.
+"""Our own matrix products. Neither is on the serving path, where dense products go through torch
+(cuBLAS / MKL); both are kept as experiments with benchmarks.
 
-- `skinny_linear`: the linear layer at decode sizes (a few token rows against a whole weight), on
-  the serving path: bound by reading the weight, where cuBLAS's split-K kernels reach a third of
-  the card's bandwidth. layers/linear.py routes decode-sized products here.
-- `matmul`: the teaching GEMM (CPU and CUDA). Not on the serving path, where other dense products go
-  through torch (cuBLAS / MKL); kept as an experiment and a benchmark.
+- `matmul`: the teaching GEMM (CPU and CUDA).
+- `skinny_linear`: the linear layer at decode sizes (up to 16 token rows against a whole weight),
+  a tensor-core GEMV with cluster split-K. Measured on an H100 (benchmarks/RESULTS.md) it is slower
+  than cuBLAS at every decode size (0.85x over a Qwen3-0.6B decode step's products), so layers do
+  not route to it.
 """
 
 from __future__ import annotations
