@@ -243,7 +243,17 @@ def _delta(out: RequestOutput, sent: _Sent) -> tuple:
         # Complete by the first output: every prompt position is scored before the first sample.
         prompt_logprobs = out.prompt_logprobs
         sent.prompt_logprobs = True
-    metrics = dataclasses.astuple(out.metrics) if out.metrics is not None else None
+    m = out.metrics
+    metrics = None
+    if m is not None:  # field by field: dataclasses.astuple deep-copies, ~10x slower
+        metrics = (
+            m.arrival_time,
+            m.first_scheduled_time,
+            m.first_token_time,
+            m.last_token_time,
+            m.finished_time,
+            m.num_cached_tokens,
+        )
     return (out.request_id, out.finished, samples, metrics, out.num_cached_tokens, prompt_logprobs)
 
 
