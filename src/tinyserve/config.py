@@ -76,17 +76,21 @@ class SchedulerConfig:
         max_num_seqs: most requests running (holding KV blocks) at once; also the most per step.
         max_model_len: longest sequence (prompt + generated tokens) a request may reach; None means
             no limit other than the KV pool. A request whose prompt + max_tokens exceeds it is rejected.
+        async_scheduling: allow `schedule()` of step n + 1 before `update()` of step n: the tokens
+            step n is still sampling are fed as placeholders (see scheduler/scheduler.py).
     """
 
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
     max_model_len: int | None = None
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         _check_int("SchedulerConfig", "max_num_batched_tokens", self.max_num_batched_tokens, minimum=1)
         _check_int("SchedulerConfig", "max_num_seqs", self.max_num_seqs, minimum=1)
         if self.max_model_len is not None:
             _check_int("SchedulerConfig", "max_model_len", self.max_model_len, minimum=1)
+        _check_bool("SchedulerConfig", "async_scheduling", self.async_scheduling)
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"SchedulerConfig.max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
@@ -122,6 +126,9 @@ class EngineConfig:
         tokenizer: tokenizer folder if not the model's; chat_template: a template file or text.
         skip_tokenizer_init: run without a tokenizer (prompts as token ids, outputs as ids only), e.g.
             for config-only folders benchmarked with load_format="dummy".
+        async_scheduling: schedule and prepare step n + 1 while the device runs step n, and process
+            step n's outputs after launching step n + 1 (same outputs, the host work overlaps the
+            device's). None = on for CUDA, off for CPU (where torch ops are synchronous anyway).
     """
 
     model: str
@@ -143,6 +150,7 @@ class EngineConfig:
     allow_pickle: bool = False
     revision: str | None = None
     skip_tokenizer_init: bool = False
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -189,4 +197,6 @@ class EngineConfig:
         _check_bool("EngineConfig", "enforce_eager", self.enforce_eager)
         _check_bool("EngineConfig", "allow_pickle", self.allow_pickle)
         _check_bool("EngineConfig", "skip_tokenizer_init", self.skip_tokenizer_init)
+        if self.async_scheduling is not None:
+            _check_bool("EngineConfig", "async_scheduling", self.async_scheduling)
         _check_int("EngineConfig", "seed", self.seed, minimum=0)

@@ -78,3 +78,164 @@ def test_no_blocks_leak_on_cuda(cuda_llm):
         engine.step()
     engine.step()
     assert engine.stats().kv.num_used_blocks == 0
+
+
+# ---- async scheduling (the CUDA default) against synchronous steps ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def cuda_sync_llm(stories260k_path):
+    from tinyserve import LLM
+
+    llm = LLM(
+        str(stories260k_path),
+        device="cuda",
+        dtype="float32",
+        max_num_seqs=24,
+        num_kv_blocks=512,
+        async_scheduling=False,
+    )
+    yield llm
+    del llm
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _mixed_workload(n: int, seed: int):
+    """Greedy and seeded rows only (unseeded draws depend on the batch), with every sampler stage."""
+    rng = random.Random(seed)
+    prompts = [[1] + [rng.randint(3, 511) for _ in range(rng.randint(1, 60))] for _ in range(n)]
+    params = []
+    for _ in prompts:
+        max_tokens = rng.choice([1, 7, 30, 300])
+        params.append(
+            SamplingParams(
+                n=rng.choice([1, 1, 2]),
+                temperature=rng.choice([0.0, 0.7, 1.0]),
+                top_k=rng.choice([-1, 20]),
+                top_p=rng.choice([1.0, 0.9]),
+                min_p=rng.choice([0.0, 0.05]),
+                repetition_penalty=rng.choice([1.0, 1.2]),
+                presence_penalty=rng.choice([0.0, 0.5]),
+                seed=rng.randint(0, 1000),
+                max_tokens=max_tokens,
+                min_tokens=min(rng.choice([0, 3]), max_tokens),
+                ignore_eos=rng.random() < 0.3,
+                stop=rng.choice([None, None, ["the"]]),
+                logprobs=rng.choice([None, 2]),
+            )
+        )
+    return [{"prompt_token_ids": p} for p in prompts], params
+
+
+def _assert_same(got, want) -> None:
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g.outputs, w.outputs, strict=True):
+            assert (a.token_ids, a.finish_reason, a.stop_reason, a.text) == (
+                b.token_ids,
+                b.finish_reason,
+                b.stop_reason,
+                b.text,
+            )
+            if b.logprobs is not None:
+                for ea, eb in zip(a.logprobs, b.logprobs, strict=True):
+                    assert ea.keys() == eb.keys()
+                    assert all(ea[t].logprob == pytest.approx(eb[t].logprob, abs=1e-3) for t in ea)
+
+
+def test_async_scheduling_is_the_cuda_default(cuda_llm, cuda_sync_llm):
+    assert cuda_llm.engine.async_scheduling is True
+    assert cuda_sync_llm.engine.async_scheduling is False
+
+
+def test_async_equals_sync_on_cuda(cuda_llm, cuda_sync_llm):
+    prompts, params = _mixed_workload(40, seed=1)
+    got = cuda_llm.generate(prompts, params, use_tqdm=False)
+    want = cuda_sync_llm.generate(prompts, params, use_tqdm=False)
+    _assert_same(got, want)
+    assert any(c.finish_reason == "stop" for o in want for c in o.outputs)
+    for llm in (cuda_llm, cuda_sync_llm):
+        assert llm.engine.stats().kv.num_used_blocks == 0
+
+
+def test_async_prompt_logprobs_on_cuda(cuda_llm, cuda_sync_llm):
+    prompts, _ = _mixed_workload(4, seed=2)
+    params = SamplingParams(temperature=0, max_tokens=5, prompt_logprobs=3, ignore_eos=True)
+    got = cuda_llm.generate(prompts, params, use_tqdm=False)
+    want = cuda_sync_llm.generate(prompts, params, use_tqdm=False)
+    _assert_same(got, want)
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g.prompt_logprobs[1:], w.prompt_logprobs[1:], strict=True):
+            assert a.keys() == b.keys()
+            assert all(a[t].logprob == pytest.approx(b[t].logprob, abs=1e-3) for t in a)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_kv_blocks": 7, "max_num_seqs": 8},
+        {"num_kv_blocks": 512, "max_num_seqs": 8, "max_num_batched_tokens": 24},
+    ],
+    ids=["preemption", "chunked-prefill"],
+)
+def test_async_equals_sync_with_a_small_pool_or_budget_on_cuda(stories260k_path, kwargs):
+    import gc
+
+    import torch
+
+    from tinyserve import LLM
+
+    prompts, params = _mixed_workload(12, seed=3)
+    outs = []
+    for async_scheduling in (True, False):
+        llm = LLM(
+            str(stories260k_path), device="cuda", dtype="float32", async_scheduling=async_scheduling, **kwargs
+        )
+        outs.append(llm.generate(prompts, [_fit(p, 40) for p in params], use_tqdm=False))
+        assert llm.engine.stats().kv.num_used_blocks == 0
+        if kwargs["num_kv_blocks"] == 7:
+            assert llm.engine.stats().num_preemptions > 0
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    _assert_same(*outs)
+
+
+def _fit(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    """The same parameters with max_tokens capped (a 7-block pool holds 112 tokens; prompts have up to 61)."""
+    import dataclasses
+
+    capped = min(params.max_tokens or max_tokens, max_tokens)
+    return dataclasses.replace(params, max_tokens=capped, min_tokens=min(params.min_tokens, capped))
+
+
+def test_async_steps_never_sync_with_the_host(cuda_llm):
+    """In decode steps (every sampler stage, stops and finishes included) the only wait is for the
+    previous step's sampled ids, a CUDA event, which sync debug mode doesn't flag: no .item(), no
+    .tolist() of a device tensor, no blocking copy."""
+    import dataclasses
+
+    import torch
+
+    engine = cuda_llm.engine
+    prompts, params = _mixed_workload(16, seed=4)
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        # n = 1: every request is admitted in the first step, so the checked steps are all decodes
+        engine.add_request(f"nosync-{i}", p["prompt_token_ids"], dataclasses.replace(_fit(sp, 60), n=1))
+    for _ in range(3):  # the prefills (eager) and the first decodes
+        engine.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.step()
+    assert engine.stats().kv.num_used_blocks == 0

@@ -46,6 +46,12 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool =
     g.add_argument("--allow-pickle", action="store_true", help="allow loading .bin/.pt (pickle) checkpoints")
     g.add_argument("--revision", default=None, help="hub revision")
     g.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prepare the next step while the device runs this one (default: on for CUDA, off for CPU)",
+    )
+    g.add_argument(
         "--skip-tokenizer-init",
         action="store_true",
         help="run without a tokenizer (token-id prompts only), e.g. for config-only dummy models",

@@ -3,6 +3,15 @@
 
 The engine is single-threaded: the offline `LLM` calls `step()` in a loop, the server calls it from
 one background thread (see `async_engine`).
+
+Async scheduling (EngineConfig.async_scheduling, on for CUDA): a step launches its forward, then
+finishes the previous step (wait for its sampled ids, Scheduler.update, outputs) while the device
+computes, and launches its own sampler last; so the host work of one step overlaps the device work
+of the next. The scheduler feeds each decode the token the step before is still sampling (a
+placeholder, filled on the device). Nothing falls back to synchronous steps: the sampler of a step
+is launched after the previous step's tokens are appended, so penalties and min_tokens see every
+token; a request that the previous step finished (stop id, stop string, EOS) got one extra token in
+this step, which the scheduler drops.
 """
 
 from __future__ import annotations
@@ -19,10 +28,10 @@ from tinyserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from tinyserve.kv_cache import KVCacheManager, KVCacheStats
 from tinyserve.models.loader import load_model
 from tinyserve.request import Request, RequestStatus
-from tinyserve.runner import ModelRunner, PromptLogprobsRequest
+from tinyserve.runner import ForwardOutput, ModelRunner, PendingOutput, PromptLogprobsRequest
 from tinyserve.sampling import RequestSamplingState, SamplingMetadata, make_generator
 from tinyserve.sampling_params import SamplingParams
-from tinyserve.scheduler import Scheduler
+from tinyserve.scheduler import Scheduler, SchedulerOutput
 from tinyserve.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -104,6 +113,25 @@ class _Group:
         self.num_unfinished = 0
 
 
+@dataclass
+class _Step:
+    """A launched step, until its results are processed.
+
+    rows: indices into so.req_ids of the sequences that sample, and samples: theirs, picked at
+    launch (the previous step may finish one before this step's sampler is launched).
+    forward: until the sampler is launched; pending: after. prompt_owners: the (group, prompt
+    position) each prompt-logprobs row scores, if any. start: when the step was launched.
+    """
+
+    so: SchedulerOutput
+    rows: list[int]
+    samples: list[_Sample]
+    forward: ForwardOutput | None
+    prompt_owners: list[tuple[_Group, int]] | None
+    start: float
+    pending: PendingOutput | None = None
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot for /metrics and logs."""
@@ -167,10 +195,14 @@ class Engine:
             gpu_memory_utilization=config.gpu_memory_utilization,
         )
         self.kv_cache = KVCacheManager(cache_config)
+        self.async_scheduling = (
+            self.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
+        )
         scheduler_config = SchedulerConfig(
             max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
+            async_scheduling=self.async_scheduling,
         )
         self.scheduler = Scheduler(scheduler_config, self.kv_cache, finish_check=self._finish_check)
         graph_s = self.runner.capture_graphs()
@@ -193,6 +225,7 @@ class Engine:
         self.generation_tokens_total = 0
         self.num_steps = 0  # steps that ran the model
         self._scoring_prompts: set[_Group] = set()  # groups whose prompt logprobs are incomplete
+        self._in_flight: _Step | None = None  # async scheduling: launched, not yet processed
 
     # ---- properties ------------------------------------------------------------------------------
     @property
@@ -372,40 +405,73 @@ class Engine:
         return None
 
     def step(self) -> list[RequestOutput]:
-        so = self.scheduler.schedule()
+        """Schedule and run one step; returns the RequestOutputs that changed.
+
+        With async scheduling these are the previous step's outputs (this step's come with the
+        next call): this step's forward is launched before the previous step is processed."""
+        launched = self._launch(self.scheduler.schedule())
+        outputs = self._finish_in_flight()  # async: the previous step, while the device runs this one
+        self._in_flight = self._sample(launched)
+        if not self.async_scheduling:
+            outputs = self._finish_in_flight()
+        return outputs
+
+    def _launch(self, so: SchedulerOutput) -> _Step | None:
+        """Launch the step's forward; None when it runs nothing."""
+        if so.is_empty:
+            self.runner.forward(so)  # the runner still forgets finished and preempted requests
+            return None
+        if so.num_tokens == so.num_seqs and all(so.do_sample):
+            rows = list(range(so.num_seqs))
+        else:
+            rows = [i for i, d in enumerate(so.do_sample) if d]
+        samples = self._samples
+        req_ids = so.req_ids
+        picked = [samples[req_ids[i]] for i in rows]
+        scoring = self._prompt_rows(so) if self._scoring_prompts else None
+        start = time.monotonic()
+        forward = self.runner.forward(so, scoring[0] if scoring else None)
+        self.num_steps += 1
+        return _Step(so, rows, picked, forward, scoring[1] if scoring else None, start)
+
+    def _sample(self, step: _Step | None) -> _Step | None:
+        """Launch the step's sampler and the copies of its results to the host."""
+        if step is None:
+            return None
         sampling = None
-        rows: list[int] = []
-        if not so.is_empty:
-            if so.num_tokens == so.num_seqs and all(so.do_sample):
-                rows = list(range(so.num_seqs))
-            else:
-                rows = [i for i, d in enumerate(so.do_sample) if d]
-            if rows:
-                samples = self._samples
-                req_ids = so.req_ids
-                picked = [samples[req_ids[i]] for i in rows]
-                sampling = SamplingMetadata.build(
-                    [s.params for s in picked],
-                    [s.state for s in picked],
-                    vocab_size=self.arch.vocab_size,
-                    device=self.device,
-                    eos_token_ids=self.eos_token_ids,
-                )
-        scoring = self._prompt_rows(so) if self._scoring_prompts and not so.is_empty else None
-        now = time.monotonic()
-        out = self.runner.execute(so, sampling, scoring[0] if scoring else None)
-        if scoring:
-            self._record_prompt_logprobs(scoring[1], out.prompt_logprobs)
-        self.num_steps += not so.is_empty
-        if so.is_empty or not rows:
+        if step.rows:
+            sampling = SamplingMetadata.build(
+                [s.params for s in step.samples],
+                [s.state for s in step.samples],
+                vocab_size=self.arch.vocab_size,
+                device=self.device,
+                eos_token_ids=self.eos_token_ids,
+            )
+        assert step.forward is not None
+        step.pending = self.runner.sample(step.forward, sampling)
+        step.forward = None  # the logits are the sampler's now
+        return step
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        """Wait for the launched step's results, append its tokens and make its outputs."""
+        step = self._in_flight
+        if step is None:
             return []
+        self._in_flight = None
+        assert step.pending is not None
+        out = step.pending.result()
+        if step.prompt_owners:
+            self._record_prompt_logprobs(step.prompt_owners, out.prompt_logprobs)
+        if not step.rows:
+            return []
+        so = step.so
         sampled: list[list[int]] = [[] for _ in range(so.num_seqs)]
-        for k, i in enumerate(rows):
+        for k, i in enumerate(step.rows):
             sampled[i] = [out.sampled_token_ids[k]]
-        logprob_rows = {i: k for k, i in enumerate(rows)} if out.logprobs is not None else None
+        logprob_rows = {i: k for k, i in enumerate(step.rows)} if out.logprobs is not None else None
         updated = self.scheduler.update(so, sampled)
         self.generation_tokens_total += len(updated)
-        return self._process(updated, so, out, logprob_rows, now)
+        return self._process(updated, so, out, logprob_rows, step.start)
 
     def _process(self, updated, so, out, logprob_rows, step_start: float) -> list[RequestOutput]:
         now = time.monotonic()

@@ -1,5 +1,11 @@
 """SchedulerOutput -> device tensors -> model -> logits -> sampler (ModelRunner), and CUDA graphs."""
 
-from tinyserve.runner.model_runner import ModelRunner, ModelRunnerOutput, PromptLogprobsRequest
+from tinyserve.runner.model_runner import (
+    ForwardOutput,
+    ModelRunner,
+    ModelRunnerOutput,
+    PendingOutput,
+    PromptLogprobsRequest,
+)
 
-__all__ = ["ModelRunner", "ModelRunnerOutput", "PromptLogprobsRequest"]
+__all__ = ["ForwardOutput", "ModelRunner", "ModelRunnerOutput", "PendingOutput", "PromptLogprobsRequest"]

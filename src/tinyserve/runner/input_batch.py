@@ -4,12 +4,19 @@ the device in ONE non-blocking copy, and a persistent device block table updated
 Layout of the packed buffer (fixed offsets, so CUDA graphs can read fixed addresses):
 
     [input_ids: T][positions: T][slot_mapping: T][query_start_loc: S+1][seq_lens: S]
-    [logits_indices: S][block_table_rows: S][cell_index: n][cell_value: n]
+    [logits_indices: S][block_table_rows: S][placeholder_index: S][placeholder_source: S]
+    [cell_index: n][cell_value: n]
 
 T = max_num_tokens, S = max_num_seqs. `block_table_rows[i]` is the persistent row of the i-th
 scheduled sequence; `cells` are (flat index, block id) pairs written into the persistent table
 before the forward (n of them this step, at most C). Only the prefix up to the end of this step's
 cells is copied.
+
+Async scheduling: a placeholder token (SchedulerOutput.placeholder_rows) is the id that the previous
+step is still sampling. Its (flat index, row among the previous step's samples) pair travels in the
+same copy, and a gather on the device moves the id from the previous step's sampled ids into
+input_ids, behind the copy in stream order. On CUDA two pinned host buffers take turns, so that
+packing a step never overwrites the one whose copy to the device may still be queued.
 """
 
 from __future__ import annotations
@@ -59,12 +66,18 @@ class InputBatch:
         self.off_seq_lens = self.off_qsl + s + 1
         self.off_logits = self.off_seq_lens + s
         self.off_rows = self.off_logits + s
-        self.off_cells = self.off_rows + s
+        self.off_ph_index = self.off_rows + s
+        self.off_ph_source = self.off_ph_index + s
+        self.off_cells = self.off_ph_source + s
         # Cells: a whole step of brand-new requests may rewrite every row at most once.
         self.max_cells = s * max_blocks_per_seq
         size = self.off_cells + 2 * self.max_cells
         pin = device.type == "cuda"
-        self.host = torch.zeros(size, dtype=torch.int32, pin_memory=pin)
+        self._hosts = [torch.zeros(size, dtype=torch.int32, pin_memory=pin) for _ in range(1 + pin)]
+        # Recorded after each host buffer's latest copy to the device (CUDA only).
+        self._copied = [torch.cuda.Event() for _ in self._hosts] if pin else []
+        self._turn = 0
+        self.host = self._hosts[0]
         self.np = self.host.numpy()
         self.dev = torch.zeros(size, dtype=torch.int32, device=device) if pin else self.host
         # Persistent block table: one row per live request, plus a final all-zero row used by padding.
@@ -113,18 +126,33 @@ class InputBatch:
         return n
 
     # ---- one step ---------------------------------------------------------------------------------
-    def prepare(self, so: SchedulerOutput, pad_to: int | None = None) -> StepInputs:
+    def _next_host_buffer(self) -> None:
+        """Switch to the other pinned host buffer once its last copy to the device has run (on CPU
+        there is one buffer, and no copy)."""
+        if not self._copied:
+            return
+        self._turn ^= 1
+        self._copied[self._turn].synchronize()  # two steps old: long done unless the device lags
+        self.host = self._hosts[self._turn]
+        self.np = self.host.numpy()
+
+    def prepare(
+        self, so: SchedulerOutput, pad_to: int | None = None, previous_samples: torch.Tensor | None = None
+    ) -> StepInputs:
         """Pack the step, copy it to the device once, and apply block-table changes.
 
         pad_to: for a decode-only CUDA-graph step, the graph's batch size: rows num_seqs..pad_to-1
-        become padding (slot -1, length 0, the zero block-table row)."""
-        a = self.np
+        become padding (slot -1, length 0, the zero block-table row).
+        previous_samples: [num_sampled] int64, the previous step's sampled ids on the device, where
+        the step's placeholders take their input ids from (async scheduling)."""
         t, s = so.num_tokens, so.num_seqs
         if t > self.max_num_tokens or s > self.max_num_seqs:
             raise ValueError(
                 f"step of {t} tokens / {s} sequences exceeds the runner's buffers "
                 f"({self.max_num_tokens} tokens / {self.max_num_seqs} sequences)"
             )
+        self._next_host_buffer()
+        a = self.np
         a[self.off_ids : self.off_ids + t] = so.input_token_ids
         a[self.off_pos : self.off_pos + t] = so.positions
         a[self.off_slots : self.off_slots + t] = so.slot_mapping
@@ -135,6 +163,7 @@ class InputBatch:
         num_cells = self._cells(so)
         row_of = self.row_of
         a[self.off_rows : self.off_rows + s] = [row_of[r] for r in so.req_ids]
+        num_placeholders = self._pack_placeholders(so, previous_samples)
         if pad_to is not None and pad_to > s:
             p = pad_to
             a[self.off_ids + t : self.off_ids + p] = 0
@@ -145,12 +174,15 @@ class InputBatch:
         if self.dev is not self.host:
             end = self.off_cells + 2 * num_cells
             self.dev[:end].copy_(self.host[:end], non_blocking=True)
+            self._copied[self._turn].record(torch.cuda.current_stream(self.device))
+        d = self.dev
         if num_cells:
-            d = self.dev
             idx = d[self.off_cells : self.off_cells + num_cells].long()
             val = d[self.off_cells + num_cells : self.off_cells + 2 * num_cells]
             self.block_table.view(-1).index_copy_(0, idx, val)
-        d = self.dev
+        if num_placeholders:
+            assert previous_samples is not None
+            self._fill_placeholders(num_placeholders, t, previous_samples)
         return StepInputs(
             input_ids=d[self.off_ids : self.off_ids + t],
             positions=d[self.off_pos : self.off_pos + t],
@@ -163,6 +195,27 @@ class InputBatch:
             num_seqs=s,
             num_logits=num_logits,
         )
+
+    def _pack_placeholders(self, so: SchedulerOutput, previous_samples: torch.Tensor | None) -> int:
+        """Write the (flat index, source row) pairs of the step's placeholders; returns how many."""
+        n = len(so.placeholder_rows)
+        if n and previous_samples is None:
+            raise ValueError("the step has placeholder inputs but no previous step's samples to fill them")
+        a = self.np
+        a[self.off_ph_index : self.off_ph_index + n] = list(
+            map(so.query_start_loc.__getitem__, so.placeholder_rows)
+        )
+        a[self.off_ph_source : self.off_ph_source + n] = so.placeholder_sources
+        return n
+
+    def _fill_placeholders(self, n: int, num_tokens: int, previous_samples: torch.Tensor) -> None:
+        """input_ids[index[k]] = previous_samples[source[k]] on the device, for the n placeholders
+        (after the step's copy to the device, which brought the pairs and the other ids)."""
+        d = self.dev
+        index = d[self.off_ph_index : self.off_ph_index + n].long()
+        source = d[self.off_ph_source : self.off_ph_source + n]
+        ids = previous_samples.index_select(0, source).to(torch.int32)
+        d[self.off_ids : self.off_ids + num_tokens].index_copy_(0, index, ids)
 
     def graph_views(self, batch_size: int) -> dict[str, torch.Tensor]:
         """Fixed-address device views that a decode graph of `batch_size` sequences reads."""

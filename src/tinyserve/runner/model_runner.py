@@ -3,6 +3,11 @@
 SchedulerOutput -> packed inputs (one host->device copy) -> AttentionMetadata -> model.forward ->
 logits for the sampled rows only -> Sampler -> ONE device->host copy of the sampled ids.
 Decode-only steps replay a CUDA graph captured for the next larger bucketed batch size.
+
+A step runs in three calls that never wait for the device, so that the engine can do host work
+between them while the device computes (async scheduling): `forward` (launch the model), `sample`
+(launch the sampler and the non-blocking copies to the host) and `PendingOutput.result` (wait for
+those copies: the step's one sync). `execute` does all three.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 
 from tinyserve.layers.attention import AttentionMetadata
 from tinyserve.models.llama import LlamaForCausalLM
-from tinyserve.sampling import LogprobsLists, Sampler, SamplingMetadata, gather_logprobs
+from tinyserve.sampling import LogprobsLists, LogprobsTensors, Sampler, SamplingMetadata, gather_logprobs
 from tinyserve.scheduler.output import SchedulerOutput
 
 from .cuda_graphs import DecodeGraphs, graph_batch_sizes
@@ -47,6 +52,50 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int]
     logprobs: LogprobsLists | None
     prompt_logprobs: LogprobsLists | None = None
+
+
+@dataclass
+class ForwardOutput:
+    """A launched forward (the device may still be computing it); valid until the next forward.
+
+    logits: [num_logits, vocab_size] for the rows of so.logits_indices; None when none sample.
+    prompt_logprobs: rows of PromptLogprobsRequest.rows; None when none were asked for.
+    """
+
+    logits: torch.Tensor | None
+    prompt_logprobs: LogprobsTensors | None = None
+
+
+@dataclass
+class PendingOutput:
+    """A step's results on their way to the host: host tensors filled by non-blocking copies (into
+    pinned memory, which torch allocates for them), and the CUDA event recorded behind the copies
+    (None on CPU, where the results are host tensors already)."""
+
+    sampled_token_ids: torch.Tensor | None  # [num_logits] int64, host
+    logprobs: LogprobsTensors | None
+    prompt_logprobs: LogprobsTensors | None
+    copied: torch.cuda.Event | None
+
+    def result(self) -> ModelRunnerOutput:
+        """Wait for the copies (the step's one device->host sync) and return the lists."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        ids = self.sampled_token_ids
+        return ModelRunnerOutput(
+            ids.tolist() if ids is not None else [],
+            self.logprobs.tolists() if self.logprobs is not None else None,
+            self.prompt_logprobs.tolists() if self.prompt_logprobs is not None else None,
+        )
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host ints -> int64 on `device` without waiting for the device: through pinned memory on CUDA
+    (a copy from pageable memory may wait for the stream)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class ModelRunner:
@@ -85,6 +134,8 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.use_graphs = self.device.type == "cuda" and not enforce_eager
         self.graphs: DecodeGraphs | None = None
+        # The latest step's sampled ids [num_logits] on the device: the next step's placeholders.
+        self._previous_samples: torch.Tensor | None = None
 
     # ---- set-up ------------------------------------------------------------------------------------
     def determine_num_blocks(
@@ -180,8 +231,8 @@ class ModelRunner:
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write block copies, before the step writes any KV."""
-        src = torch.tensor([s for s, _ in copies], dtype=torch.int64, device=self.device)
-        dst = torch.tensor([d for _, d in copies], dtype=torch.int64, device=self.device)
+        src = _to_device([s for s, _ in copies], self.device)
+        dst = _to_device([d for _, d in copies], self.device)
         for k, v in self.kv_caches:
             k.index_copy_(0, dst, k.index_select(0, src))
             v.index_copy_(0, dst, v.index_select(0, src))
@@ -193,42 +244,67 @@ class ModelRunner:
         sampling: SamplingMetadata | None,
         prompt_logprobs: PromptLogprobsRequest | None = None,
     ) -> ModelRunnerOutput:
-        """Run one scheduled step. `sampling` describes the rows of so.logits_indices (None when the
-        step samples nothing, e.g. only non-final prefill chunks); `prompt_logprobs` asks for the
-        logprobs of prompt tokens (eager steps only)."""
+        """Run one scheduled step and wait for its results (forward, sample, result)."""
+        return self.sample(self.forward(so, prompt_logprobs), sampling).result()
+
+    @torch.inference_mode()
+    def forward(
+        self, so: SchedulerOutput, prompt_logprobs: PromptLogprobsRequest | None = None
+    ) -> ForwardOutput:
+        """Launch the model on one scheduled step, up to the logits of so.logits_indices.
+
+        Placeholder inputs (async scheduling) take the ids that the previous `sample` drew, on the
+        device. `prompt_logprobs` asks for the logprobs of prompt tokens (eager steps only)."""
         inputs = self.inputs
         inputs.release(so.finished_req_ids)
         inputs.release(so.preempted_req_ids)
         if so.block_copies:
             self._copy_blocks(so.block_copies)
         if so.is_empty:
-            return ModelRunnerOutput([], None)
+            return ForwardOutput(None)
         graph_bs = None
         if self.graphs is not None and so.num_tokens == so.num_seqs and prompt_logprobs is None:
             graph_bs = self.graphs.batch_size_for(so.num_seqs)
-        x = inputs.prepare(so, pad_to=graph_bs)
-        prompt_lp = None
+        x = inputs.prepare(so, pad_to=graph_bs, previous_samples=self._previous_samples)
         if graph_bs is not None:
             logits = self.graphs.replay(graph_bs)[: so.num_seqs]  # type: ignore[union-attr]
             if x.num_logits != so.num_seqs:  # every decode samples; keep the rows that asked
                 logits = logits.index_select(0, x.logits_indices)
-        else:
-            md = self._metadata(so, x)
-            hidden = self.model(x.input_ids, x.positions, md)
-            if prompt_logprobs is not None:
-                prompt_lp = self._prompt_logprobs(hidden, prompt_logprobs)
-            if x.num_logits == 0 or sampling is None:
-                return ModelRunnerOutput([], None, prompt_lp)
-            logits = self.model.compute_logits(hidden, x.logits_indices)
-        if sampling is None:
-            return ModelRunnerOutput([], None, prompt_lp)
-        out = self.sampler(logits, sampling).to_host()
-        return ModelRunnerOutput(out.sampled_token_ids, out.logprobs, prompt_lp)
+            return ForwardOutput(logits)
+        md = self._metadata(so, x)
+        hidden = self.model(x.input_ids, x.positions, md)
+        prompt_lp = self._prompt_logprobs(hidden, prompt_logprobs) if prompt_logprobs is not None else None
+        logits = self.model.compute_logits(hidden, x.logits_indices) if x.num_logits else None
+        return ForwardOutput(logits, prompt_lp)
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, req: PromptLogprobsRequest) -> LogprobsLists:
-        """Raw-model logprobs of the next prompt token at `req.rows`, with the top-N (one extra sync,
-        only in steps that asked for prompt logprobs)."""
-        rows = torch.tensor(req.rows, dtype=torch.int64).to(self.device, non_blocking=True)
-        targets = torch.tensor(req.targets, dtype=torch.int64).to(self.device, non_blocking=True)
+    @torch.inference_mode()
+    def sample(self, forward: ForwardOutput, sampling: SamplingMetadata | None) -> PendingOutput:
+        """Launch the sampler on a forward's logits (`sampling` describes their rows; None when the
+        step samples nothing) and the copies of the results to the host; doesn't wait for them.
+
+        NOTE: the next step's placeholders read these samples: call it for every forward, in order."""
+        out = None
+        if sampling is not None and forward.logits is not None:
+            out = self.sampler(forward.logits, sampling)
+        self._previous_samples = out.sampled_token_ids if out is not None else None
+        logprobs = out.logprobs if out is not None else None
+        prompt_lp = forward.prompt_logprobs
+        # Non-blocking copies to the host (on CPU, no copy at all), then one event behind them.
+        copied = torch.cuda.Event() if self.device.type == "cuda" else None
+        pending = PendingOutput(
+            out.sampled_token_ids.to("cpu", non_blocking=True) if out is not None else None,
+            logprobs.to("cpu", non_blocking=True) if logprobs is not None else None,
+            prompt_lp.to("cpu", non_blocking=True) if prompt_lp is not None else None,
+            copied,
+        )
+        if copied is not None:
+            copied.record(torch.cuda.current_stream(self.device))
+        return pending
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, req: PromptLogprobsRequest) -> LogprobsTensors:
+        """Raw-model logprobs of the next prompt token at `req.rows`, with the top-N (on the device;
+        they come back with the step's samples)."""
+        rows = _to_device(req.rows, self.device)
+        targets = _to_device(req.targets, self.device)
         logprobs = self.model.compute_logits(hidden, rows).log_softmax(dim=-1)  # [n, vocab] float32
-        return gather_logprobs(logprobs, req.num_logprobs, targets).tolists()
+        return gather_logprobs(logprobs, req.num_logprobs, targets)

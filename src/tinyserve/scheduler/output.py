@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +35,13 @@ class SchedulerOutput:
         query_start_loc: [num_seqs + 1] cumulative num_scheduled_tokens, starting at 0.
         logits_indices: [num_sampled] flat index of the last token of each sequence with do_sample,
             in sequence order: the only rows whose logits are needed.
+
+    Async scheduling [num_placeholders] (empty otherwise):
+        placeholder_rows: indices into req_ids of the sequences fed the token that the previous step
+            (still running) samples for them; each is a one-token decode whose input_token_ids entry
+            is a 0 the runner overwrites on the device, with the previous step's sampled id.
+        placeholder_sources: for each of them, its row among the previous step's sampled rows (the
+            order of that step's logits_indices).
 
     Step-wide:
         block_copies: (src, dst) block copies from copy-on-write. NOTE: apply them before the
@@ -69,6 +76,8 @@ class SchedulerOutput:
     num_tokens: int
     max_query_len: int
     max_seq_len: int
+    placeholder_rows: list[int] = field(default_factory=list)
+    placeholder_sources: list[int] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:

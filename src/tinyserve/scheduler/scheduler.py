@@ -10,6 +10,16 @@ Preemption: when a running request can't get the blocks it needs, the most recen
 running request is preempted (blocks freed, re-queued at the front), repeatedly, possibly down to the
 request itself. Requests scheduled earlier in the step are older and never preempted.
 
+Async scheduling (SchedulerConfig.async_scheduling): the engine schedules step n + 1 while the
+device still runs step n, before update() of step n. Every running request that step n samples
+counts that token as known but not yet seen (a placeholder): step n + 1 feeds it at the next
+position, and the runner takes its id from step n's sampled ids on the device. A placeholder that
+is the request's last token (max_tokens) is not fed. A request that step n finishes (a stop token,
+or a stop string the engine finds) has been scheduled once too often: update() drops its extra
+token, and its blocks are freed as usual. A request that step n + 1 preempts still receives step
+n's token at update(). A placeholder that fills a block delays the block's prefix-cache hash to
+update(), when its token is known (see _can_defer).
+
 NOTE: no deadlock and no dropped request: a request is accepted only if its worst case
 (prompt + max_tokens - 1 KV slots) fits the whole pool; the oldest running request is never a victim
 while any other runs, so it can always grow until it finishes; the admission watermark is waived
@@ -20,7 +30,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from itertools import accumulate, chain, compress, repeat
+from itertools import accumulate, chain, compress, count, repeat
 from operator import add, attrgetter, eq, getitem, ne, sub
 
 from tinyserve.config import SchedulerConfig
@@ -70,6 +80,17 @@ class Scheduler:
         # Forked children running with blocks the runner hasn't seen: their first step sends the
         # whole block table.
         self._unsent_tables: set[str] = set()
+        # Async scheduling only. Steps with sampled rows whose update() is still to come, oldest first.
+        self._awaiting_update: list[tuple[SchedulerOutput, list[Request]]] = []
+        # The newest such step, and each of its sampled requests -> its row among the sampled rows.
+        self._in_flight_output: SchedulerOutput | None = None
+        self._in_flight: dict[Request, int] = {}
+        # Tables not grown yet because their placeholder filled a block (see _can_defer): the
+        # step whose update() brings the tokens, and (request, slots to hold) to allocate then.
+        self._deferred_until: SchedulerOutput | None = None
+        self._deferred: list[tuple[Request, int]] = []
+        # Forked requests whose partly-filled last block may still be shared (copy-on-write pending).
+        self._shared_tails: set[str] = set()
 
     # ---- queries -------------------------------------------------------------------------------
 
@@ -147,6 +168,7 @@ class Scheduler:
             self.kv_cache.free(request.request_id)
             request.block_ids = []
             self._unsent_tables.discard(request.request_id)
+            self._shared_tails.discard(request.request_id)
         del self.requests[request.request_id]
         self._finished_req_ids.append(request.request_id)
 
@@ -164,6 +186,9 @@ class Scheduler:
         like sampled ones; a child that is finished at once is returned finished and never runs.
         If max_num_seqs requests already run, the child waits at the front of the queue instead
         (without blocks; it recomputes, mostly from the prefix cache).
+
+        NOTE: with async scheduling, fork before the parent is scheduled again (between update() and
+        schedule()): a placeholder scheduled for the parent counts as computed but has no token yet.
         """
         parent = self.requests.get(parent_id)
         if parent is None or parent.status != RequestStatus.RUNNING:
@@ -212,6 +237,7 @@ class Scheduler:
             child.status = RequestStatus.RUNNING
             self.running.append(child)
             self._unsent_tables.add(child_id)
+            self._shared_tails.update((parent_id, child_id))
         else:
             self.waiting.appendleft(child)
         return child
@@ -222,11 +248,22 @@ class Scheduler:
         """Pick this step's tokens, allocate their KV slots, and advance num_computed_tokens.
 
         NOTE: num_computed_tokens counts the scheduled tokens as computed from here on; the step
-        must run before the next schedule() (one step in flight)."""
+        must run before the next schedule() (one step in flight). With async scheduling, two: this
+        step may be scheduled before update() of the previous one (see the module docstring), but
+        update() of step n must come before schedule() of step n + 2."""
+        if len(self._awaiting_update) > 1:
+            raise RuntimeError(
+                "two scheduled steps still wait for update(): with async scheduling, call update() of "
+                "step n before schedule() of step n + 2"
+            )
         allocate = self.kv_cache.allocate
         unsent = self._unsent_tables
         budget = self.config.max_num_batched_tokens
         running = self.running
+        in_flight = self._in_flight
+        shared_tails = self._shared_tails
+        defer_full_blocks = self.kv_cache.enable_prefix_caching
+        block_size = self.kv_cache.block_size
         batch = _BatchBuilder()
         scheduled = batch.requests
         append_request = scheduled.append
@@ -241,22 +278,46 @@ class Scheduler:
                 break
             computed = request.num_computed_tokens
             num_new = len(request.all_token_ids) - computed
+            source = -1  # async scheduling: the row of a placeholder among the in-flight samples
+            defer = False
             if num_new > budget:
                 num_new = budget
             elif num_new <= 0:
-                raise RuntimeError(
-                    f"running request {request.request_id!r} has no token left to compute: the previous "
-                    "step's update() with its sampled token is missing"
-                )
-            try:
-                start = allocate(request.request_id, computed + num_new, request.all_token_ids)
-            except NoFreeBlocksError:
-                start = self._preempt_until_allocated(request, computed + num_new, batch.preempted_req_ids)
-                if start < 0:
-                    break  # the request itself was preempted; everything after it was too
+                source = in_flight.get(request, -1) if num_new == 0 else -1
+                if source < 0:
+                    raise RuntimeError(
+                        f"running request {request.request_id!r} has no token left to compute: the "
+                        "previous step's update() with its sampled token is missing"
+                    )
+                # Async scheduling: feed the token the step in flight samples for it, unless it is
+                # the last (max_tokens: it finishes at update()).
+                if len(request.output_token_ids) + 1 >= request.max_tokens:
+                    continue
+                defer = defer_full_blocks and (computed + 1) % block_size == 0
+                if defer and not self._can_defer(request):
+                    continue  # it waits one step, and is scheduled once its token is known
+                num_new = 1
+            if defer:
+                start = len(request.block_ids)  # the slot's block exists; its hash waits for the token
+                self._deferred.append((request, computed + 1))
+                self._deferred_until = self._in_flight_output
+            else:
+                try:
+                    start = allocate(request.request_id, computed + num_new, request.all_token_ids)
+                except NoFreeBlocksError:
+                    start = self._preempt_until_allocated(
+                        request, computed + num_new, batch.preempted_req_ids
+                    )
+                    if start < 0:
+                        break  # the request itself was preempted; everything after it was too
+                if shared_tails:
+                    shared_tails.discard(request.request_id)  # allocate copied a shared last block
             if unsent and request.request_id in unsent:
                 unsent.discard(request.request_id)
                 start = 0
+            if source >= 0:
+                batch.placeholder_rows.append(len(scheduled))
+                batch.placeholder_sources.append(source)
             append_request(request)
             append_num_scheduled(num_new)
             append_num_computed(computed)
@@ -270,7 +331,28 @@ class Scheduler:
         output = batch.build(self.kv_cache, finished)
         self._last_output = output
         self._last_scheduled = scheduled
+        if self.config.async_scheduling:
+            self._track_in_flight(output, scheduled)
         return output
+
+    def _can_defer(self, request: Request) -> bool:
+        """Whether a placeholder that fills a block (with prefix caching) can be fed now.
+
+        KVCacheManager.allocate hashes a block from its tokens once it is full, so the table's
+        growth must wait for update(), when the token is known. That is fine only while the slot is
+        in a block the request already holds alone: not with block_size 1 (the token opens the
+        block too), nor while its last block may still be shared with a fork (copy-on-write happens
+        in allocate)."""
+        return self.kv_cache.block_size > 1 and request.request_id not in self._shared_tails
+
+    def _track_in_flight(self, output: SchedulerOutput, scheduled: list[Request]) -> None:
+        """Async scheduling: remember the step's sampled requests; the next schedule() feeds them
+        their sampled token as a placeholder, and update() of this step must follow."""
+        sampled = list(compress(scheduled, output.do_sample))
+        self._in_flight = dict(zip(sampled, count()))
+        self._in_flight_output = output if sampled else None
+        if sampled:
+            self._awaiting_update.append((output, scheduled))
 
     def _preempt_until_allocated(self, request: Request, num_tokens: int, preempted: list[str]) -> int:
         """Preempt running requests from the most recent one until `request` gets its slots. Returns
@@ -290,6 +372,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request.request_id)
         self._unsent_tables.discard(request.request_id)
+        self._shared_tails.discard(request.request_id)
         request.block_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -341,6 +424,10 @@ class Scheduler:
         Returns:
             The requests that received tokens, in step order; check `is_finished` on each. Finished
             requests have released their blocks and left the scheduler.
+
+        With async scheduling, a request that the next step (already scheduled) preempted still
+        receives its token here; one that finishes here was already fed a placeholder by the next
+        step, whose token for it update() then drops.
         """
         req_ids = scheduler_output.req_ids
         if len(sampled_token_ids) != len(req_ids):
@@ -348,20 +435,19 @@ class Scheduler:
                 f"sampled_token_ids has {len(sampled_token_ids)} entries; expected one per scheduled "
                 f"sequence ({len(req_ids)})"
             )
-        if scheduler_output is self._last_output:
-            requests: Sequence[Request | None] = self._last_scheduled
-        else:
-            requests = [self.requests.get(request_id) for request_id in req_ids]
+        requests = self._requests_of(scheduler_output)
         finish_check = self.finish_check
         default_check = finish_check is stop_on_stop_token_ids
         running = RequestStatus.RUNNING
+        # Preempted after this step was scheduled: only possible with async scheduling.
+        preempted = RequestStatus.PREEMPTED if self.config.async_scheduling else running
         stopped = RequestStatus.FINISHED_STOPPED
         updated: list[Request] = []
         any_finished = False
         for request, sample, token_ids in zip(
             requests, scheduler_output.do_sample, sampled_token_ids, strict=True
         ):
-            if not sample or request is None or request.status != running:
+            if not sample or request is None or (request.status != running and request.status != preempted):
                 continue  # a prefill chunk, or aborted/finished since the step was scheduled
             if not token_ids:
                 raise ValueError(
@@ -383,20 +469,56 @@ class Scheduler:
                         raise ValueError(
                             f"finish_check must return a FINISHED_* status or None, got {status.name}"
                         )
+                    if request.status == RequestStatus.PREEMPTED:
+                        self.waiting.remove(request)
                     self._finish(request, status)
                     any_finished = True
                     break
             updated.append(request)
         if any_finished:
             self.running = [r for r in self.running if r.status == running]
+        if self.config.async_scheduling:
+            self._step_updated(scheduler_output)
         return updated
+
+    def _requests_of(self, scheduler_output: SchedulerOutput) -> Sequence[Request | None]:
+        """The requests of a scheduled step, in req_ids order: kept for the latest step and for those
+        awaiting update() (async scheduling), else looked up by id (None for ids no longer live)."""
+        if scheduler_output is self._last_output:
+            return self._last_scheduled
+        for output, scheduled in self._awaiting_update:
+            if output is scheduler_output:
+                return scheduled
+        return [self.requests.get(request_id) for request_id in scheduler_output.req_ids]
+
+    def _step_updated(self, scheduler_output: SchedulerOutput) -> None:
+        """Async scheduling: the step's tokens are known now. Forget it as in flight, and grow the
+        tables whose growth waited for them (hashing the blocks they filled)."""
+        self._awaiting_update = [a for a in self._awaiting_update if a[0] is not scheduler_output]
+        if scheduler_output is self._in_flight_output:
+            self._in_flight_output = None
+            self._in_flight = {}
+        if scheduler_output is self._deferred_until:
+            for request, num_tokens in self._deferred:
+                if request.status == RequestStatus.RUNNING:  # not finished by its token
+                    self.kv_cache.allocate(request.request_id, num_tokens, request.all_token_ids)
+            self._deferred = []
+            self._deferred_until = None
 
 
 class _BatchBuilder:
     """One step's scheduled requests and their counts; `build` turns them into a SchedulerOutput
     with C-level map/chain passes instead of per-request Python appends."""
 
-    __slots__ = ("requests", "num_scheduled", "num_computed", "starts", "preempted_req_ids")
+    __slots__ = (
+        "requests",
+        "num_scheduled",
+        "num_computed",
+        "starts",
+        "preempted_req_ids",
+        "placeholder_rows",
+        "placeholder_sources",
+    )
 
     def __init__(self) -> None:
         self.requests: list[Request] = []
@@ -404,6 +526,8 @@ class _BatchBuilder:
         self.num_computed: list[int] = []  # before this step
         self.starts: list[int] = []  # first block-table index that changed
         self.preempted_req_ids: list[str] = []
+        self.placeholder_rows: list[int] = []  # async scheduling: see SchedulerOutput
+        self.placeholder_sources: list[int] = []
 
     def build(self, kv: KVCacheManager, finished_req_ids: list[str]) -> SchedulerOutput:
         requests = self.requests
@@ -412,18 +536,29 @@ class _BatchBuilder:
         token_lists = list(map(_get_tokens, requests))
         block_tables = list(map(_get_block_ids, requests))
         seq_lens = list(map(add, num_computed, num_scheduled))
-        do_sample = list(map(eq, seq_lens, map(len, token_lists)))
+        num_known = list(map(len, token_lists))
+        # Where each sequence's input ids are read from: its tokens from num_computed on, except a
+        # placeholder, read as the 0 that the runner overwrites.
+        read_lists, read_starts = token_lists, num_computed
+        if self.placeholder_rows:
+            read_lists, read_starts = list(token_lists), list(num_computed)
+            for i in self.placeholder_rows:
+                num_known[i] += 1
+                read_lists[i] = _PLACEHOLDER
+                read_starts[i] = 0
+        do_sample = list(map(eq, seq_lens, num_known))
         query_start_loc = [0, *accumulate(num_scheduled)]
         num_tokens = query_start_loc[-1]
         starts = self.starts
         changed_rows = list(compress(range(len(starts)), map(ne, starts, map(len, block_tables))))
         if num_tokens == len(requests):  # decodes only: one token each
             positions = list(num_computed)
-            input_ids = list(map(getitem, token_lists, num_computed))
+            input_ids = list(map(getitem, read_lists, read_starts))
         else:
             positions = list(chain.from_iterable(map(range, num_computed, seq_lens)))
+            read_ends = map(add, read_starts, num_scheduled)
             input_ids = list(
-                chain.from_iterable(map(getitem, token_lists, map(slice, num_computed, seq_lens)))
+                chain.from_iterable(map(getitem, read_lists, map(slice, read_starts, read_ends)))
             )
         return SchedulerOutput(
             req_ids=list(map(_get_request_id, requests)),
@@ -446,9 +581,12 @@ class _BatchBuilder:
             num_tokens=num_tokens,
             max_query_len=max(num_scheduled, default=0),
             max_seq_len=max(seq_lens, default=0),
+            placeholder_rows=self.placeholder_rows,
+            placeholder_sources=self.placeholder_sources,
         )
 
 
+_PLACEHOLDER = [0]  # the input id of a placeholder token (see SchedulerOutput.placeholder_rows)
 _get_tokens = attrgetter("all_token_ids")
 _get_block_ids = attrgetter("block_ids")
 _get_request_id = attrgetter("request_id")
