@@ -46,15 +46,19 @@ def async_llm(stories260k_path):
 
 
 def _summary(outputs) -> list[list[tuple]]:
-    """Everything a request returns that must not depend on the mode (logprobs rounded: the two
-    modes may batch a row differently, which may change the last bits of a float)."""
+    """Everything a request returns that must not depend on the mode; logprob values as pytest.approx
+    (the two modes may batch a row differently, which may change the last bits of a float: rounding
+    them instead failed on a 16-core machine, where a value sat on a rounding edge)."""
     summary = []
     for out in outputs:
         samples = []
         for c in out.outputs:
             logprobs = None
             if c.logprobs is not None:
-                logprobs = [{t: (round(lp.logprob, 4), lp.rank) for t, lp in e.items()} for e in c.logprobs]
+                logprobs = [
+                    {t: (pytest.approx(lp.logprob, abs=1e-4), lp.rank) for t, lp in e.items()}
+                    for e in c.logprobs
+                ]
             samples.append((c.token_ids, c.finish_reason, c.stop_reason, c.text, logprobs))
         summary.append(samples)
     return summary
