@@ -41,7 +41,6 @@ from tinyserve.sampling_params import SamplingParams
 from tinyserve.tokenizer import Tokenizer
 
 from .engine import Engine, check_prompt
-from .outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -90,18 +89,6 @@ class EngineInfo:
         )
 
 
-class _Sent:
-    """What the front already has of one request: per sample, tokens, logprob entries and text."""
-
-    __slots__ = ("tokens", "logprobs", "text", "prompt_logprobs")
-
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.logprobs: list[int] = []
-        self.text: list[str] = []
-        self.prompt_logprobs = False
-
-
 class EngineCore:
     """Runs the Engine: handles the front's commands between steps and sends every step's deltas.
 
@@ -113,9 +100,10 @@ class EngineCore:
         self, engine: Engine, *, send: Callable[[list[Message]], None], max_queue: int | None
     ) -> None:
         self.engine = engine
+        engine.delta_outputs = True  # step() returns the delta tuples sent as they are
         self.send = send
         self.max_queue = max_queue
-        self._sent: dict[str, _Sent] = {}  # live requests the front listens to
+        self._live: set[str] = set()  # requests the front listens to
 
     def run(self, receive: Callable[[bool], list | None]) -> None:
         """The loop. `receive(block)` returns the queued commands (waiting for one if `block`), or
@@ -146,7 +134,7 @@ class EngineCore:
                         self.send([("outputs", time.monotonic(), deltas)])
         except BaseException as e:  # noqa: BLE001 - reported to every waiting request
             logger.exception("the engine loop stopped with an error")
-            self._sent.clear()
+            self._live.clear()
             self.send([("dead", f"{type(e).__name__}: {e}")])
 
     # ---- commands --------------------------------------------------------------------------------
@@ -156,15 +144,15 @@ class EngineCore:
         if kind == "add":
             replies.append(("added", command[1], self._add(*command[1:])))
         elif kind == "abort":
-            self._sent.pop(command[1], None)
+            self._live.discard(command[1])
             engine.abort_request(command[1])
         elif kind == "stats":
             replies.append(("stats", command[1], engine.stats()))
         elif kind == "abort_all":
-            aborted = list(self._sent)
+            aborted = list(self._live)
             for rid in aborted:
                 engine.abort_request(rid)
-            self._sent.clear()
+            self._live.clear()
             if aborted:
                 replies.append(("aborted", aborted, command[1]))
         else:
@@ -197,64 +185,22 @@ class EngineCore:
             logger.exception("add_request failed for %s", rid)
             engine.abort_request(rid)  # drop anything half-added
             return RuntimeError(f"{type(e).__name__}: {e}")
-        self._sent[rid] = _Sent()
+        self._live.add(rid)
         return None
 
     # ---- outputs ---------------------------------------------------------------------------------
-    def _deltas(self, outputs: list[RequestOutput]) -> list[tuple]:
+    def _deltas(self, outputs: list[tuple]) -> list[tuple]:
+        """The step's deltas for requests the front still listens to (it may have aborted one)."""
+        live = self._live
         deltas = []
-        sent_of = self._sent
-        for out in outputs:
-            sent = sent_of.get(out.request_id)
-            if sent is None:  # aborted by the front meanwhile
+        for delta in outputs:
+            rid = delta[0]
+            if rid not in live:
                 continue
-            if out.finished:
-                del sent_of[out.request_id]
-            deltas.append(_delta(out, sent))
+            if delta[1]:  # finished
+                live.discard(rid)
+            deltas.append(delta)
         return deltas
-
-
-def _delta(out: RequestOutput, sent: _Sent) -> tuple:
-    samples = []
-    for c in out.outputs:
-        i = c.index
-        while len(sent.tokens) <= i:
-            sent.tokens.append(0)
-            sent.logprobs.append(0)
-            sent.text.append("")
-        n = sent.tokens[i]
-        new_ids = c.token_ids[n:]
-        sent.tokens[i] = n + len(new_ids)
-        new_logprobs = None
-        if c.logprobs is not None:
-            new_logprobs = c.logprobs[sent.logprobs[i] :]
-            sent.logprobs[i] = len(c.logprobs)
-        text_update = None
-        old = sent.text[i]
-        if c.text != old:
-            keep = len(old) if c.text.startswith(old) else 0
-            text_update = (keep, c.text[keep:])
-            sent.text[i] = c.text
-        samples.append(
-            (i, new_ids, text_update, c.finish_reason, c.stop_reason, new_logprobs, c.cumulative_logprob)
-        )
-    prompt_logprobs = None
-    if out.prompt_logprobs is not None and not sent.prompt_logprobs:
-        # Complete by the first output: every prompt position is scored before the first sample.
-        prompt_logprobs = out.prompt_logprobs
-        sent.prompt_logprobs = True
-    m = out.metrics
-    metrics = None
-    if m is not None:  # field by field: dataclasses.astuple deep-copies, ~10x slower
-        metrics = (
-            m.arrival_time,
-            m.first_scheduled_time,
-            m.first_token_time,
-            m.last_token_time,
-            m.finished_time,
-            m.num_cached_tokens,
-        )
-    return (out.request_id, out.finished, samples, metrics, out.num_cached_tokens, prompt_logprobs)
 
 
 # ---- the engine process ---------------------------------------------------------------------------
