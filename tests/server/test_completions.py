@@ -123,7 +123,8 @@ def test_echo_with_logprobs_scores_the_prompt(stories):
     plain = greedy(stories, max_tokens=4, logprobs=2).choices[0].logprobs
     assert lp.token_logprobs[n_prompt:] == plain.token_logprobs
     # streamed: the first chunk carries the prompt's entries, and the values agree
-    stream = stories.completions.create(model=STORIES_NAME, prompt=PROMPT, max_tokens=4, temperature=0,
-                                        echo=True, logprobs=2, stream=True)
+    stream = stories.completions.create(
+        model=STORIES_NAME, prompt=PROMPT, max_tokens=4, temperature=0, echo=True, logprobs=2, stream=True
+    )
     values = [v for chunk in stream for c in chunk.choices if c.logprobs for v in c.logprobs.token_logprobs]
     assert values == lp.token_logprobs
