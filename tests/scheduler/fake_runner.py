@@ -5,9 +5,47 @@ context it reads and fails an assertion."""
 
 from __future__ import annotations
 
+import random
+
+from tinyserve.config import CacheConfig, SchedulerConfig
+from tinyserve.kv_cache.manager import KVCacheManager
 from tinyserve.request import Request
 from tinyserve.scheduler.output import SchedulerOutput
 from tinyserve.scheduler.scheduler import Scheduler
+
+VOCAB = 50
+
+
+def make(
+    num_blocks: int = 64,
+    block_size: int = 4,
+    budget: int = 32,
+    max_num_seqs: int = 8,
+    caching: bool = True,
+    watermark: float = 0.0,
+    max_model_len: int | None = None,
+    async_scheduling: bool = False,
+    vocab: int = VOCAB,
+    **scheduler_kwargs: object,
+) -> tuple[Scheduler, FakeRunner]:
+    """A scheduler over a fresh KV pool, and a FakeRunner with a pool of the same shape."""
+    kv = KVCacheManager(
+        CacheConfig(block_size=block_size, enable_prefix_caching=caching, watermark=watermark),
+        num_blocks=num_blocks,
+    )
+    config = SchedulerConfig(
+        max_num_batched_tokens=budget,
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_model_len,
+        async_scheduling=async_scheduling,
+    )
+    return Scheduler(config, kv, **scheduler_kwargs), FakeRunner(num_blocks, block_size, vocab)
+
+
+def prompt(n: int, seed: int, vocab: int = VOCAB) -> list[int]:
+    """n token ids in [0, vocab), reproducible from `seed`."""
+    rng = random.Random(seed)
+    return [rng.randrange(vocab) for _ in range(n)]
 
 
 def next_token(context: list[int], vocab_size: int) -> int:

@@ -10,47 +10,18 @@ import random
 
 import pytest
 
-from tinyserve.config import CacheConfig, SchedulerConfig
 from tinyserve.kv_cache.errors import RequestTooLargeError
-from tinyserve.kv_cache.manager import KVCacheManager
 from tinyserve.request import Request, RequestStatus
 from tinyserve.scheduler.output import SchedulerOutput
 from tinyserve.scheduler.scheduler import Scheduler
 
-from .fake_runner import FakeRunner, reference_generation, run_to_completion
-
-VOCAB = 50
-
-
-def make(
-    num_blocks: int = 64,
-    block_size: int = 4,
-    budget: int = 32,
-    max_num_seqs: int = 8,
-    caching: bool = True,
-    watermark: float = 0.0,
-    max_model_len: int | None = None,
-    **scheduler_kwargs: object,
-) -> tuple[Scheduler, FakeRunner]:
-    kv = KVCacheManager(
-        CacheConfig(block_size=block_size, enable_prefix_caching=caching, watermark=watermark),
-        num_blocks=num_blocks,
-    )
-    config = SchedulerConfig(
-        max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=max_model_len
-    )
-    return Scheduler(config, kv, **scheduler_kwargs), FakeRunner(num_blocks, block_size, VOCAB)
+from .fake_runner import VOCAB, FakeRunner, make, prompt, reference_generation, run_to_completion
 
 
 def step(scheduler: Scheduler, runner: FakeRunner) -> SchedulerOutput:
     out = scheduler.schedule()
     scheduler.update(out, runner.execute(out, scheduler.requests))
     return out
-
-
-def prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(VOCAB) for _ in range(n)]
 
 
 def assert_all_blocks_free(scheduler: Scheduler) -> None:

@@ -20,30 +20,13 @@ from tinyserve.request import Request, RequestStatus
 from tinyserve.scheduler.output import SchedulerOutput
 from tinyserve.scheduler.scheduler import Scheduler
 
-from .fake_runner import FakeRunner, reference_generation
-
-VOCAB = 50
-
-
-def make(
-    num_blocks: int = 64,
-    block_size: int = 4,
-    budget: int = 32,
-    max_num_seqs: int = 8,
-    caching: bool = True,
-    vocab: int = VOCAB,
-) -> tuple[Scheduler, FakeRunner]:
-    kv = KVCacheManager(
-        CacheConfig(block_size=block_size, enable_prefix_caching=caching, watermark=0.0),
-        num_blocks=num_blocks,
-    )
-    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, async_scheduling=True)
-    return Scheduler(config, kv), FakeRunner(num_blocks, block_size, vocab)
+from .fake_runner import VOCAB, FakeRunner, prompt, reference_generation
+from .fake_runner import make as make_scheduler
 
 
-def prompt(n: int, seed: int, vocab: int = VOCAB) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(vocab) for _ in range(n)]
+def make(**kwargs) -> tuple[Scheduler, FakeRunner]:
+    """fake_runner.make with async scheduling on."""
+    return make_scheduler(async_scheduling=True, **kwargs)
 
 
 class AsyncDriver:
