@@ -39,32 +39,39 @@ HEAD = (
 )
 
 
+def paged_kv(
+    num_seqs: int, length: int, device: str, dtype: torch.dtype, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random K/V caches of `num_seqs` sequences of `length` tokens in a random block order, their
+    block tables, and the same K and V contiguous [num_seqs, num_kv_heads, length, head_dim] for SDPA."""
+    blocks_per_seq = -(-length // BLOCK_SIZE)
+    num_blocks = num_seqs * blocks_per_seq
+    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    key_cache = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    value_cache = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    perm = torch.randperm(num_blocks, generator=g, device=device)
+    block_tables = perm.reshape(num_seqs, blocks_per_seq).int()
+
+    def dense(cache: torch.Tensor) -> torch.Tensor:
+        gathered = cache[block_tables.long()].reshape(num_seqs, -1, NUM_KV_HEADS, HEAD_DIM)
+        return gathered[:, :length].transpose(1, 2).contiguous()
+
+    return key_cache, value_cache, block_tables, dense(key_cache), dense(value_cache)
+
+
 class DecodeCase:
     """A paged KV cache (random block order) and the same K/V contiguous for SDPA."""
 
     def __init__(self, num_seqs: int, context_len: int, device: str, dtype: torch.dtype, seed: int) -> None:
         g = torch.Generator(device=device).manual_seed(seed)
-        blocks_per_seq = -(-context_len // BLOCK_SIZE)
-        num_blocks = num_seqs * blocks_per_seq
-        shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-        self.key_cache = torch.randn(shape, generator=g, device=device, dtype=dtype)
-        self.value_cache = torch.randn(shape, generator=g, device=device, dtype=dtype)
-        perm = torch.randperm(num_blocks, generator=g, device=device)
-        self.block_tables = perm.reshape(num_seqs, blocks_per_seq).int()
+        self.key_cache, self.value_cache, self.block_tables, self.k_dense, self.v_dense = paged_kv(
+            num_seqs, context_len, device, dtype, g
+        )
         self.context_lens = torch.full((num_seqs,), context_len, dtype=torch.int32, device=device)
         self.query = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, generator=g, device=device, dtype=dtype)
         self.out = torch.empty_like(self.query)
         self.context_len = context_len
-
-        # Contiguous [num_seqs, num_kv_heads, context_len, head_dim] copies for SDPA.
-        def dense(cache: torch.Tensor) -> torch.Tensor:
-            gathered = cache[self.block_tables.long()]  # [seqs, blocks, block_size, kv_heads, head_dim]
-            flat = gathered.reshape(num_seqs, -1, NUM_KV_HEADS, HEAD_DIM)[:, :context_len]
-            return flat.transpose(1, 2).contiguous()
-
-        self.k_dense, self.v_dense = dense(self.key_cache), dense(self.value_cache)
         self.q_dense = self.query[:, :, None, :]  # [seqs, heads, 1, head_dim]
-        self.sdpa_out = torch.empty(num_seqs, NUM_HEADS, 1, HEAD_DIM, device=device, dtype=dtype)
 
     def ours(self) -> torch.Tensor:
         return ops.paged_attention_decode(
@@ -101,13 +108,9 @@ class DecodeCase:
 class PrefillCase:
     def __init__(self, num_seqs: int, prompt_len: int, device: str, dtype: torch.dtype, seed: int) -> None:
         g = torch.Generator(device=device).manual_seed(seed)
-        blocks_per_seq = -(-prompt_len // BLOCK_SIZE)
-        num_blocks = num_seqs * blocks_per_seq
-        shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-        self.key_cache = torch.randn(shape, generator=g, device=device, dtype=dtype)
-        self.value_cache = torch.randn(shape, generator=g, device=device, dtype=dtype)
-        perm = torch.randperm(num_blocks, generator=g, device=device)
-        self.block_tables = perm.reshape(num_seqs, blocks_per_seq).int()
+        self.key_cache, self.value_cache, self.block_tables, self.k_dense, self.v_dense = paged_kv(
+            num_seqs, prompt_len, device, dtype, g
+        )
         self.seq_lens = torch.full((num_seqs,), prompt_len, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(num_seqs + 1, dtype=torch.int32, device=device) * prompt_len
         self.query = torch.randn(
@@ -115,12 +118,6 @@ class PrefillCase:
         )
         self.out = torch.empty_like(self.query)
         self.num_seqs, self.prompt_len = num_seqs, prompt_len
-
-        def dense(cache: torch.Tensor) -> torch.Tensor:
-            gathered = cache[self.block_tables.long()].reshape(num_seqs, -1, NUM_KV_HEADS, HEAD_DIM)
-            return gathered[:, :prompt_len].transpose(1, 2).contiguous()
-
-        self.k_dense, self.v_dense = dense(self.key_cache), dense(self.value_cache)
         self.q_dense = (
             self.query.reshape(num_seqs, prompt_len, NUM_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
         )
