@@ -27,7 +27,7 @@ from tinyserve.config import EngineConfig
 from tinyserve.sampling_params import SamplingParams
 from tinyserve.tokenizer import IncrementalDetokenizer
 
-from .core import EngineCore, EngineInfo, Message, QueueFullError, run_engine_process
+from .core import EngineCore, EngineInfo, Message, QueueFullError, run_engine_process, write_to_pipe
 from .engine import Engine, EngineStats, load_tokenizer
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 
@@ -85,7 +85,6 @@ class RequestStream:
         self.step_times: list[float] = []
         self.finished = False  # the consumer has seen the final output (or an error)
         self._engine_done = False  # the engine has delivered its final output (or failed)
-        self._done = False  # the state below is final
         # The request's state so far, built from the engine's deltas.
         self._samples: list[CompletionOutput] = []
         self._metrics: RequestMetrics | None = None
@@ -121,7 +120,7 @@ class RequestStream:
             self._prompt_logprobs = prompt_logprobs
         self.step_times.append(step_time)
         if finished:
-            self._engine_done = self._done = True
+            self._engine_done = True
         self._fresh = True
         self._event.set()
 
@@ -172,7 +171,7 @@ class RequestStream:
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
             outputs=outputs,
-            finished=self._done,
+            finished=self._engine_done and self._error is None,
             metrics=self._metrics,
             num_cached_tokens=self._num_cached_tokens,
             prompt_logprobs=self._prompt_logprobs,
@@ -288,7 +287,12 @@ class _ProcessCore:
             self._process.kill()
             self._process.join(5)
             raise
-        self._writer = threading.Thread(target=self._write, name="tinyserve-engine-writer", daemon=True)
+        self._writer = threading.Thread(
+            target=write_to_pipe,
+            args=(self._outbox, self._commands),
+            name="tinyserve-engine-writer",
+            daemon=True,
+        )
         self._writer.start()
 
     def _wait_ready(self) -> EngineInfo:
@@ -328,16 +332,6 @@ class _ProcessCore:
         self._read()
         self._outbox.put(None)
         self._commands.close()
-
-    def _write(self) -> None:
-        while True:
-            command = self._outbox.get()
-            if command is None:
-                return
-            try:
-                self._commands.send(command)
-            except (BrokenPipeError, OSError):
-                return  # the child is gone; the reader reports it
 
     def _read(self) -> None:
         conn = self._messages

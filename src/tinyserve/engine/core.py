@@ -239,7 +239,7 @@ def run_engine_process(
             return None
 
     outbox: queue.SimpleQueue = queue.SimpleQueue()
-    writer = threading.Thread(target=_write_messages, args=(outbox, messages), name="engine-writer")
+    writer = threading.Thread(target=write_to_pipe, args=(outbox, messages), name="engine-writer")
     writer.start()
     EngineCore(engine, send=outbox.put, max_queue=max_queue).run(receive)
     outbox.put(None)
@@ -247,17 +247,18 @@ def run_engine_process(
     messages.close()
 
 
-def _write_messages(outbox: queue.SimpleQueue, messages: multiprocessing.connection.Connection) -> None:
-    """Pickle and write the core's messages off the step loop.
+def write_to_pipe(outbox: queue.SimpleQueue, conn: multiprocessing.connection.Connection) -> None:
+    """A writer thread's loop: pickle and send what `outbox` holds until None (or the pipe breaks).
 
     NOTE: a pipe holds ~64 KB, a few steps of outputs at a few hundred streams. Written from the
     step loop, a front busy with HTTP would block the engine as soon as it fell that far behind;
-    from this thread the engine steps on and the front later reads everything that piled up."""
+    from a thread the engine steps on and the front later reads everything that piled up. The front
+    sends its commands the same way, so neither side ever blocks the other's event or step loop."""
     while True:
-        batch = outbox.get()
-        if batch is None:
+        item = outbox.get()
+        if item is None:
             return
         try:
-            messages.send(batch)
+            conn.send(item)
         except (BrokenPipeError, OSError):
-            return  # the front is gone; the loop stops when its command pipe closes
+            return  # the other side is gone; its reader reports that
