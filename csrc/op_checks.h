@@ -34,6 +34,27 @@ inline void check_rms_norm_args(const RmsNormArgs& a) {
         "rms_norm: x, weight, out (and residual) must be on one device");
 }
 
+inline void check_reshape_and_cache_args(const ReshapeAndCacheArgs& a) {
+  const TensorView &key = a.key, &value = a.value, &kc = a.key_cache, &vc = a.value_cache, &slots = a.slot_mapping;
+  check(key.ndim == 3 && value.ndim == 3 && kc.ndim == 4 && vc.ndim == 4 && slots.ndim == 1,
+        "reshape_and_cache: expected key/value 3-D, caches 4-D, slot_mapping 1-D");
+  check(key.dtype == value.dtype && key.dtype == kc.dtype && key.dtype == vc.dtype,
+        "reshape_and_cache: key, value and caches must share one dtype");
+  check(slots.dtype == DType::kInt32 || slots.dtype == DType::kInt64,
+        "reshape_and_cache: slot_mapping must be int32 or int64");
+  for (const TensorView* t : {&key, &value, &kc, &vc, &slots}) {
+    check(t->device == kc.device, "reshape_and_cache: all tensors must be on one device");
+  }
+  const int64_t num_tokens = key.size(0), num_kv_heads = key.size(1), head_dim = key.size(2);
+  check(slots.size(0) == num_tokens && value.size(0) == num_tokens, "reshape_and_cache: num_tokens mismatch");
+  check(value.size(1) == num_kv_heads && value.size(2) == head_dim && kc.size(2) == num_kv_heads &&
+            kc.size(3) == head_dim,
+        "reshape_and_cache: head shapes differ between key/value and the caches");
+  for (int i = 0; i < 4; ++i) check(kc.size(i) == vc.size(i), "reshape_and_cache: key/value cache shapes differ");
+  check(key.stride(2) == 1 && value.stride(2) == 1 && kc.stride(3) == 1 && vc.stride(3) == 1,
+        "reshape_and_cache: the last dimension must be contiguous");
+}
+
 inline void check_rotary_args(const RotaryArgs& a) {
   const TensorView &q = a.query, &k = a.key, &cache = a.cos_sin_cache;
   check(q.ndim == 3 && k.ndim == 3 && q.size(0) == k.size(0) && q.size(2) == k.size(2),

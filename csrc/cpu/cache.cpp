@@ -4,6 +4,7 @@
 #include <cstring>
 #include <string>
 
+#include "../op_checks.h"
 #include "../ops.h"
 
 namespace tinyserve::cpu {
@@ -29,22 +30,10 @@ void copy_token(const TensorView& src, const TensorView& cache, int64_t token, i
 }  // namespace
 
 void reshape_and_cache(const ReshapeAndCacheArgs& a) {
+  check_reshape_and_cache_args(a);
   const TensorView &key = a.key, &value = a.value, &kc = a.key_cache, &vc = a.value_cache, &slots = a.slot_mapping;
-  check(key.ndim == 3 && value.ndim == 3 && kc.ndim == 4 && vc.ndim == 4 && slots.ndim == 1,
-        "reshape_and_cache: expected key/value 3-D, caches 4-D, slot_mapping 1-D");
-  check(key.dtype == value.dtype && key.dtype == kc.dtype && key.dtype == vc.dtype,
-        "reshape_and_cache: key, value and caches must share one dtype");
-  check(slots.dtype == DType::kInt32 || slots.dtype == DType::kInt64,
-        "reshape_and_cache: slot_mapping must be int32 or int64");
   const int64_t num_tokens = key.size(0), num_kv_heads = key.size(1), head_dim = key.size(2);
   const int64_t num_blocks = kc.size(0), block_size = kc.size(1);
-  check(slots.size(0) == num_tokens && value.size(0) == num_tokens, "reshape_and_cache: num_tokens mismatch");
-  for (int i = 1; i < 4; ++i) check(kc.size(i) == vc.size(i), "reshape_and_cache: key/value cache shapes differ");
-  check(vc.size(0) == num_blocks && kc.size(2) == num_kv_heads && kc.size(3) == head_dim &&
-            value.size(1) == num_kv_heads && value.size(2) == head_dim,
-        "reshape_and_cache: head shapes differ between key/value and the caches");
-  check(key.stride(2) == 1 && value.stride(2) == 1 && kc.stride(3) == 1 && vc.stride(3) == 1,
-        "reshape_and_cache: the last dimension must be contiguous");
   // Validate every slot first (serially; it is num_tokens integers), so the copy cannot go out of
   // bounds and no exception has to escape an OpenMP region.
   const int64_t num_slots = num_blocks * block_size;

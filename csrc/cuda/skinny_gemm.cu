@@ -55,6 +55,21 @@ struct SkinnyParams {
   int splits;     // blocks per cluster, each summing one range of steps (gridDim.y)
 };
 
+// The asm of load16, for one load instruction (string literal) of four u32 registers.
+#define TINYSERVE_PREDICATED_LOAD16(LOAD, v, ptr, valid)                 \
+  asm volatile(                                                          \
+      "{\n"                                                              \
+      "  .reg .pred p;\n"                                                \
+      "  setp.ne.b32 p, %5, 0;\n"                                        \
+      "  mov.b32 %0, 0;\n"                                               \
+      "  mov.b32 %1, 0;\n"                                               \
+      "  mov.b32 %2, 0;\n"                                               \
+      "  mov.b32 %3, 0;\n"                                               \
+      "  @p " LOAD " {%0, %1, %2, %3}, [%4];\n"                          \
+      "}\n"                                                              \
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)                       \
+      : "l"(ptr), "r"(static_cast<int>(valid)))
+
 // 16 bytes through the read-only path, zeros when !valid (nothing is read). Predicated in PTX, so
 // no branch splits a step's loads. kStream: not kept in L1 (the weight, read once); otherwise
 // cached (x: every block of the SM reads the same rows).
@@ -62,34 +77,14 @@ template <bool kStream>
 __device__ __forceinline__ uint4 load16(const void* ptr, bool valid) {
   uint4 v;
   if constexpr (kStream) {
-    asm volatile(
-        "{\n"
-        "  .reg .pred p;\n"
-        "  setp.ne.b32 p, %5, 0;\n"
-        "  mov.b32 %0, 0;\n"
-        "  mov.b32 %1, 0;\n"
-        "  mov.b32 %2, 0;\n"
-        "  mov.b32 %3, 0;\n"
-        "  @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-        "}\n"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(ptr), "r"(static_cast<int>(valid)));
+    TINYSERVE_PREDICATED_LOAD16("ld.global.nc.L1::no_allocate.v4.u32", v, ptr, valid);
   } else {
-    asm volatile(
-        "{\n"
-        "  .reg .pred p;\n"
-        "  setp.ne.b32 p, %5, 0;\n"
-        "  mov.b32 %0, 0;\n"
-        "  mov.b32 %1, 0;\n"
-        "  mov.b32 %2, 0;\n"
-        "  mov.b32 %3, 0;\n"
-        "  @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-        "}\n"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(ptr), "r"(static_cast<int>(valid)));
+    TINYSERVE_PREDICATED_LOAD16("ld.global.nc.v4.u32", v, ptr, valid);
   }
   return v;
 }
+
+#undef TINYSERVE_PREDICATED_LOAD16
 
 // grid = (ceil(n / kBlockRows), splits); with splits > 1 the blocks of one row block form a cluster.
 template <typename T, bool kM16>
