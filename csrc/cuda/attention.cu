@@ -300,10 +300,8 @@ void paged_attention(const PagedAttentionArgs& a, uintptr_t stream_handle) {
     // Layout: partial outputs, then (max, sum) pairs from an even offset; one spare float allowed.
     capacity = (a.workspace.numel() - 1) / (static_cast<int64_t>(p.num_tokens) * p.num_heads * (p.head_dim + 2));
   }
+  // The split count is sized for max_len; each block then takes its share of the actual keys.
   const int splits = choose_splits(tiles * p.num_kv_heads, max_len, capacity, slots);
-  int64_t partition = (max_len + splits - 1) / std::max(splits, 1);
-  partition = std::max<int64_t>(attn::kKeyTile, (partition + attn::kKeyTile - 1) / attn::kKeyTile * attn::kKeyTile);
-  p.partition = static_cast<int>(std::min<int64_t>(partition, INT32_MAX / 2));
   p.num_splits = splits;
   if (splits > 1) {
     p.ws_out = a.workspace.ptr<float>();

@@ -20,7 +20,7 @@ namespace tinyserve::cuda::attn {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kThreads = 128;  // every attention kernel runs 4 warps per thread block
-constexpr int kKeyTile = 64;   // split partitions are multiples of this
+constexpr int kKeyTile = 64;   // split shares are multiples of this
 
 struct Params {
   const void* q;
@@ -38,7 +38,7 @@ struct Params {
   int64_t bt_stride;
   int num_seqs, num_tokens, num_heads, num_kv_heads, group, head_dim;
   int block_size_log2, max_blocks;
-  int num_splits, partition;  // keys per split (a multiple of kKeyTile); the last split runs to the end
+  int num_splits;             // key-range splits (gridDim.y); each takes an equal share of whole key tiles
   int tiles_per_seq;          // decode: row tiles per sequence
   float scale_log2;           // softmax scale * log2(e): scores live in log2 units
 };
@@ -127,9 +127,12 @@ __device__ __forceinline__ bool map_work(const Params& p, int rows_per_cta, Work
   // Query token t sits at position seq_len - q_len + t and sees keys [0, that + 1).
   const int first_tok = w.row0 / p.group, last_tok = (w.row0 + w.rows - 1) / p.group;
   const int kv_hi = max(0, min(w.seq_len, w.seq_len - w.q_len + last_tok + 1));
-  const int split = blockIdx.y;
-  w.kv_begin = split * p.partition;
-  w.kv_end = split == p.num_splits - 1 ? kv_hi : min(kv_hi, w.kv_begin + p.partition);
+  // Splits take equal shares (whole key tiles) of the keys this tile sees, not of max_seq_len: a
+  // short sequence in a launch sized for a long bound (a CUDA graph's) still spreads over every
+  // split, instead of leaving one split the whole sequence and the others empty.
+  const int part = p.num_splits == 1 ? kv_hi : ceil_div(ceil_div(kv_hi, p.num_splits), kKeyTile) * kKeyTile;
+  w.kv_begin = min(kv_hi, static_cast<int>(blockIdx.y) * part);
+  w.kv_end = min(kv_hi, w.kv_begin + part);
   w.mask_from = min(w.kv_end, w.seq_len - w.q_len + first_tok + 1);
   return true;
 }
