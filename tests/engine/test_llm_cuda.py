@@ -239,3 +239,38 @@ def test_async_steps_never_sync_with_the_host(cuda_llm):
         engine.step()
     engine.step()
     assert engine.stats().kv.num_used_blocks == 0
+
+
+def test_graph_length_bounds_match_eager(tmp_path):
+    """Decode graphs are captured per context-length bound (1024, 2048 and 4096 here): sequences
+    that cross the bounds while they decode get the eager engine's tokens."""
+    import gc
+
+    import torch
+
+    from tests.models.tiny_models import random_prompt, save_tiny_checkpoint
+    from tinyserve import LLM
+
+    save_tiny_checkpoint("qwen3", tmp_path, seed=5)
+    prompts = [random_prompt(n, seed=n) for n in (1010, 2030, 40, 3000)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    tokens = {}
+    for eager in (False, True):
+        llm = LLM(
+            str(tmp_path),
+            device="cuda",
+            dtype="float32",
+            max_model_len=4096,
+            max_num_seqs=8,
+            num_kv_blocks=1024,
+            enforce_eager=eager,
+            skip_tokenizer_init=True,
+        )
+        if not eager:
+            assert llm.engine.runner.graphs.len_bounds == [1024, 2048, 4096]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        tokens[eager] = [o.outputs[0].token_ids for o in outs]
+        del llm, outs
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert tokens[False] == tokens[True]

@@ -1,4 +1,4 @@
-"""Token embedding table and the LM head that turns hidden states into float32 logits."""
+"""Token embedding table and the LM head that turns hidden states into logits."""
 
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(nn.Module):
-    """forward(hidden [n, hidden_size]) -> logits [n, vocab_size] float32.
+    """forward(hidden [n, hidden_size], out=None) -> logits [n, vocab_size] in the model's dtype.
 
-    The product runs in the model's dtype (as transformers and vLLM do); only the result is upcast.
+    The product runs in the model's dtype, as in transformers and vLLM. The logits stay in that
+    dtype: converting them is exact, so it is left to the consumers that need float32 (logprobs,
+    penalties). That saves a pass over [n, vocab_size]. `out` [n, vocab_size] receives the product,
+    e.g. one buffer shared by every decode graph.
     With tied embeddings pass the embedding table's parameter as `tied_weight`: it is shared, not copied.
     """
 
@@ -41,5 +44,7 @@ class LMHead(nn.Module):
             tied_weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype))
         self.weight = tied_weight  # [vocab_size, hidden_size]
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight).float()
+    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            return F.linear(hidden, self.weight)
+        return torch.mm(hidden, self.weight.t(), out=out)

@@ -3,7 +3,7 @@
 
 Forward contract (flat batch, no padding dims):
     hidden = model(input_ids [num_tokens], positions [num_tokens], attn_metadata)  # [num_tokens, hidden_size]
-    logits = model.compute_logits(hidden, logits_indices [n])                       # [n, vocab_size] float32
+    logits = model.compute_logits(hidden, logits_indices [n])                       # [n, vocab], model dtype
 The forward never reads device values on the host, so it can be captured in a CUDA graph.
 """
 
@@ -166,12 +166,16 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, attn_metadata)
 
     def compute_logits(
-        self, hidden: torch.Tensor, logits_indices: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        logits_indices: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden [num_tokens, hidden_size], logits_indices [n] -> logits [n, vocab_size] float32.
+        """hidden [num_tokens, hidden_size], logits_indices [n] -> logits [n, vocab_size] in the
+        model's dtype (written into `out` when given).
 
         Only the rows that need logits (usually each sequence's last token) go through the LM head.
         """
         if logits_indices is not None:
             hidden = hidden.index_select(0, logits_indices)
-        return self.lm_head(hidden)
+        return self.lm_head(hidden, out)

@@ -1,8 +1,14 @@
-"""CUDA graphs for decode-only steps, captured once per bucketed batch size.
+"""CUDA graphs for decode-only steps, captured once per (bucketed batch size, context-length bound).
 
 Each graph reads its inputs from fixed addresses in the runner's packed device buffer (InputBatch)
-and writes logits [batch_size, vocab] into a fixed output tensor; a step copies its inputs in (one
-host->device copy, as in eager mode) and replays the graph of the next larger size.
+and writes logits [batch_size, vocab] into one logits buffer that every graph shares; a step copies
+its inputs in (one host->device copy, as in eager mode) and replays the graph of the next larger
+batch size and the smallest length bound that holds its longest sequence.
+
+Why length bounds: the attention kernel sizes its split-KV launch (how many thread blocks share a
+sequence's keys) from a host-side bound of the context length, and a graph fixes the launch. One
+bound of max_model_len would split a short context as if it were long; a few bounds keep the split
+close to what an eager step would pick, at the price of capturing each batch size a few times.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from tinyserve.models.llama import LlamaForCausalLM
 
 from .input_batch import InputBatch
 
+MIN_LEN_BOUND = 1024  # contexts up to this share the smallest graphs
+MAX_LEN_BOUNDS = 5  # powers of two from MIN_LEN_BOUND; max_model_len is always the last bound
+
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to 64, then every 16 up to max_num_seqs (inclusive)."""
@@ -24,26 +33,52 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+def graph_len_bounds(max_model_len: int) -> list[int]:
+    """Context-length bounds to capture: 1024, 2048, ... below max_model_len (the smallest
+    MAX_LEN_BOUNDS - 1 of them), then max_model_len."""
+    bounds = []
+    bound = MIN_LEN_BOUND
+    while bound < max_model_len and len(bounds) < MAX_LEN_BOUNDS - 1:
+        bounds.append(bound)
+        bound *= 2
+    return bounds + [max_model_len]
+
+
 class DecodeGraphs:
+    """The decode graphs of one runner.
+
+    Args:
+        model: the model, with its KV cache bound.
+        inputs: the runner's persistent input buffers (the graphs read their fixed addresses).
+        sizes: batch sizes to capture (ascending).
+        max_model_len: the longest context; the last length bound.
+    """
+
     def __init__(
         self, model: LlamaForCausalLM, inputs: InputBatch, sizes: list[int], max_model_len: int
     ) -> None:
         self.model = model
         self.inputs = inputs
         self.sizes = sizes
-        self.max_model_len = max_model_len
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.len_bounds = graph_len_bounds(max_model_len)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = None
         device = inputs.device
-        self._arange = torch.arange(max(sizes) + 1, dtype=torch.int32, device=device)
-        self._block_tables = torch.zeros((max(sizes), inputs.width), dtype=torch.int32, device=device)
+        big = max(sizes)
+        self._arange = torch.arange(big + 1, dtype=torch.int32, device=device)
+        self._block_tables = torch.zeros((big, inputs.width), dtype=torch.int32, device=device)
+        vocab = model.lm_head.weight.shape[0]
+        self.logits = torch.empty((big, vocab), dtype=model.dtype, device=device)
 
-    def batch_size_for(self, num_seqs: int) -> int | None:
+    def key_for(self, num_seqs: int, max_seq_len: int) -> tuple[int, int] | None:
+        """(batch size, length bound) of the graph for a decode step, or None if none fits."""
         i = bisect.bisect_left(self.sizes, num_seqs)
-        return self.sizes[i] if i < len(self.sizes) else None
+        j = bisect.bisect_left(self.len_bounds, max_seq_len)
+        if i == len(self.sizes) or j == len(self.len_bounds):
+            return None
+        return self.sizes[i], self.len_bounds[j]
 
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _forward(self, bs: int, max_len: int) -> torch.Tensor:
         v = self.inputs.graph_views(bs)
         block_tables = self._block_tables[:bs]
         torch.index_select(self.inputs.block_table, 0, v["block_table_rows"], out=block_tables)
@@ -54,11 +89,11 @@ class DecodeGraphs:
             seq_lens=v["seq_lens"],
             context_lens=v["seq_lens"],
             max_query_len=1,
-            max_seq_len=self.max_model_len,
+            max_seq_len=max_len,
             is_decode_only=True,
         )
         hidden = self.model(v["input_ids"], v["positions"], md)
-        return self.model.compute_logits(hidden, None)
+        return self.model.compute_logits(hidden, None, out=self.logits[:bs])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -76,18 +111,21 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(inputs.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up outside capture: lazy inits, workspace sizing
-                self._forward(big)
+                self._forward(big, self.len_bounds[-1])
         torch.cuda.current_stream(inputs.device).wait_stream(stream)
         torch.cuda.synchronize(inputs.device)
-        for bs in sorted(self.sizes, reverse=True):  # largest first: later graphs reuse its pool
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[bs] = self._forward(bs)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[bs] = graph
+        # Largest first: later graphs reuse its pool.
+        for bs in sorted(self.sizes, reverse=True):
+            for max_len in reversed(self.len_bounds):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self._forward(bs, max_len)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[bs, max_len] = graph
         torch.cuda.synchronize(inputs.device)
 
-    def replay(self, bs: int) -> torch.Tensor:
-        self.graphs[bs].replay()
-        return self.outputs[bs]
+    def replay(self, key: tuple[int, int]) -> torch.Tensor:
+        """Run the graph of `key` (from key_for); returns the shared logits [batch size, vocab]."""
+        self.graphs[key].replay()
+        return self.logits[: key[0]]

@@ -2,7 +2,8 @@
 
 SchedulerOutput -> packed inputs (one host->device copy) -> AttentionMetadata -> model.forward ->
 logits for the sampled rows only -> Sampler -> ONE device->host copy of the sampled ids.
-Decode-only steps replay a CUDA graph captured for the next larger bucketed batch size.
+Decode-only steps replay a CUDA graph captured for the next larger bucketed batch size (and a
+context-length bound, see cuda_graphs.py).
 
 A step runs in three calls that never wait for the device, so that the engine can do host work
 between them while the device computes (async scheduling): `forward` (launch the model), `sample`
@@ -262,12 +263,12 @@ class ModelRunner:
             self._copy_blocks(so.block_copies)
         if so.is_empty:
             return ForwardOutput(None)
-        graph_bs = None
+        graph = None
         if self.graphs is not None and so.num_tokens == so.num_seqs and prompt_logprobs is None:
-            graph_bs = self.graphs.batch_size_for(so.num_seqs)
-        x = inputs.prepare(so, pad_to=graph_bs, previous_samples=self._previous_samples)
-        if graph_bs is not None:
-            logits = self.graphs.replay(graph_bs)[: so.num_seqs]  # type: ignore[union-attr]
+            graph = self.graphs.key_for(so.num_seqs, so.max_seq_len)
+        x = inputs.prepare(so, pad_to=graph[0] if graph else None, previous_samples=self._previous_samples)
+        if graph is not None:
+            logits = self.graphs.replay(graph)[: so.num_seqs]  # type: ignore[union-attr]
             if x.num_logits != so.num_seqs:  # every decode samples; keep the rows that asked
                 logits = logits.index_select(0, x.logits_indices)
             return ForwardOutput(logits)
@@ -306,5 +307,5 @@ class ModelRunner:
         they come back with the step's samples)."""
         rows = _to_device(req.rows, self.device)
         targets = _to_device(req.targets, self.device)
-        logprobs = self.model.compute_logits(hidden, rows).log_softmax(dim=-1)  # [n, vocab] float32
+        logprobs = self.model.compute_logits(hidden, rows).float().log_softmax(dim=-1)  # [n, vocab]
         return gather_logprobs(logprobs, req.num_logprobs, targets)
