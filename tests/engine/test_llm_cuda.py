@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -264,6 +265,9 @@ def test_graph_length_bounds_match_eager(tmp_path):
     from tinyserve import LLM
 
     save_tiny_checkpoint("qwen3", tmp_path, seed=5)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["max_position_embeddings"] = 4096  # the tiny config's 256 is a choice, not a limit of RoPE
+    (tmp_path / "config.json").write_text(json.dumps(config))
     batches = [[1000], [2030], [1010, 2030, 40, 3000]]
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2)
     outs = {}
