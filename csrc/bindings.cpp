@@ -175,9 +175,12 @@ void rms_norm(const TensorView& x, std::optional<TensorView> residual, const Ten
 }
 
 // q_norm_weight, k_norm_weight: both None (plain RoPE) or both given (q/k RMSNorm first).
+// value, key_cache, value_cache, slot_mapping: all None, or all given (also write the KV cache).
 void rotary_embedding(const TensorView& positions, const TensorView& query, const TensorView& key,
                       const TensorView& cos_sin_cache, int64_t rotary_dim, std::optional<TensorView> q_norm_weight,
-                      std::optional<TensorView> k_norm_weight, double eps, uintptr_t stream) {
+                      std::optional<TensorView> k_norm_weight, double eps, std::optional<TensorView> value,
+                      std::optional<TensorView> key_cache, std::optional<TensorView> value_cache,
+                      std::optional<TensorView> slot_mapping, uintptr_t stream) {
   tinyserve::RotaryArgs args;
   args.positions = positions;
   args.query = query;
@@ -186,6 +189,10 @@ void rotary_embedding(const TensorView& positions, const TensorView& query, cons
   args.rotary_dim = rotary_dim;
   if (q_norm_weight) args.q_norm_weight = *q_norm_weight;
   if (k_norm_weight) args.k_norm_weight = *k_norm_weight;
+  if (value) args.value = *value;
+  if (key_cache) args.key_cache = *key_cache;
+  if (value_cache) args.value_cache = *value_cache;
+  if (slot_mapping) args.slot_mapping = *slot_mapping;
   args.eps = static_cast<float>(eps);
   if (query.is_cuda()) {
 #ifdef TINYSERVE_WITH_CUDA
@@ -258,7 +265,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("rotary_embedding", &rotary_embedding, py::arg("positions"), py::arg("query"), py::arg("key"),
         py::arg("cos_sin_cache"), py::arg("rotary_dim"), py::arg("q_norm_weight"), py::arg("k_norm_weight"),
-        py::arg("eps"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+        py::arg("eps"), py::arg("value"), py::arg("key_cache"), py::arg("value_cache"), py::arg("slot_mapping"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("silu_and_mul", &silu_and_mul, py::arg("x"), py::arg("out"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
 }

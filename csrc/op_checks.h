@@ -55,6 +55,11 @@ inline void check_reshape_and_cache_args(const ReshapeAndCacheArgs& a) {
         "reshape_and_cache: the last dimension must be contiguous");
 }
 
+// The reshape_and_cache part of a rotary_embedding that writes the caches.
+inline ReshapeAndCacheArgs rotary_cache_args(const RotaryArgs& a) {
+  return ReshapeAndCacheArgs{a.key, a.value, a.key_cache, a.value_cache, a.slot_mapping};
+}
+
 inline void check_rotary_args(const RotaryArgs& a) {
   const TensorView &q = a.query, &k = a.key, &cache = a.cos_sin_cache;
   check(q.ndim == 3 && k.ndim == 3 && q.size(0) == k.size(0) && q.size(2) == k.size(2),
@@ -79,6 +84,14 @@ inline void check_rotary_args(const RotaryArgs& a) {
                 w->device == q.device,
             "rotary_embedding: q/k norm weights must be contiguous [head_dim] of the query's dtype and device");
     }
+  }
+  const bool writes = a.key_cache.data != nullptr;
+  check(writes == (a.value.data != nullptr) && writes == (a.value_cache.data != nullptr) &&
+            writes == (a.slot_mapping.data != nullptr),
+        "rotary_embedding: give value, key_cache, value_cache and slot_mapping together, or none");
+  if (writes) {
+    check_reshape_and_cache_args(rotary_cache_args(a));
+    check(a.key_cache.device == q.device, "rotary_embedding: the caches must be on the query's device");
   }
 }
 

@@ -104,8 +104,13 @@ struct RmsNormArgs {
 // every product rounded to the dtype as PyTorch's x*cos - x2*sin does. With q_norm_weight.data !=
 // nullptr, each head is first RMS-normalised (Qwen3's q/k norm, eps) with q_norm_weight /
 // k_norm_weight [head_dim]. positions [num_tokens] int32 or int64.
+// With key_cache.data != nullptr the op also does reshape_and_cache's work (same arguments, same
+// checks): the rotated key and `value` [num_tokens, num_kv_heads, head_dim] go into the paged caches
+// at slot_mapping (-1: not written). On CUDA that is the same kernel, so a decoder layer saves a
+// launch; the CPU twin runs the two steps.
 struct RotaryArgs {
   TensorView positions, query, key, cos_sin_cache, q_norm_weight, k_norm_weight;
+  TensorView value, key_cache, value_cache, slot_mapping;
   int64_t rotary_dim = 0;
   float eps = 1e-6f;
 };

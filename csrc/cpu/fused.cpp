@@ -221,6 +221,8 @@ void rotary_embedding(const RotaryArgs& a) {
   }
   if (s.num_tokens == 0) return;
   dispatch<RotaryFn>(q.dtype, "rotary_embedding", a, s);
+  // The caches, from the rotated key (reshape_and_cache validates every slot before it copies).
+  if (a.key_cache.data) reshape_and_cache(rotary_cache_args(a));
 }
 
 void silu_and_mul(const SiluAndMulArgs& a) {

@@ -162,12 +162,32 @@ struct RopeParams {
   int num_heads, num_kv_heads, head_dim, half, group;
   bool pos64;
   float eps;
+  // KV-cache write (key_cache == nullptr: none). Strides in elements.
+  const void* value;
+  void* key_cache;
+  void* value_cache;
+  const void* slots;
+  int64_t v_s0, v_s1, kc_block, kc_slot, kc_head, vc_block, vc_slot, vc_head, slot_stride, num_slots, block_size;
+  bool slots64;
 };
 
+// Where token t's head h row lands in a paged cache, or nullptr for padding / an out-of-range slot
+// (skipped rather than written wild: nothing may be read back to the host here).
+template <typename T>
+__device__ __forceinline__ T* cache_row(const RopeParams& p, void* cache, int64_t t, int h, int64_t s_block,
+                                        int64_t s_slot, int64_t s_head) {
+  const int64_t slot = p.slots64 ? static_cast<const int64_t*>(p.slots)[t * p.slot_stride]
+                                 : static_cast<const int32_t*>(p.slots)[t * p.slot_stride];
+  if (slot < 0 || slot >= p.num_slots) return nullptr;
+  return static_cast<T*>(cache) + slot / p.block_size * s_block + slot % p.block_size * s_slot + h * s_head;
+}
+
 // A group of p.group threads (a power of two <= 32, inside one warp) per (token, head); blockIdx.x
-// is the token, blockIdx.y a range of heads (query heads, then key heads). A unit is N pairs
-// (i, i + half) or, for the norm, N pass-through dims past rotary_dim. Tokens whose position lies
-// outside the cache are left untouched (the host never sees positions, so it cannot raise).
+// is the token, blockIdx.y a range of heads (query heads, then key heads, then - when the KV cache
+// is written - value heads, which are only copied). A unit is N pairs (i, i + half) or N
+// pass-through dims past rotary_dim. Tokens whose position lies outside the cos/sin table are left
+// untouched (the host never sees positions, so it cannot raise); their key still goes to the cache
+// as it is, as reshape_and_cache after the rotation would have it.
 template <typename T, int N, bool kNorm>
 __global__ void rotary_kernel(const RopeParams p) {
   const int g = p.group;
@@ -176,6 +196,8 @@ __global__ void rotary_kernel(const RopeParams p) {
   const int64_t t = blockIdx.x;
   const bool valid = head < p.num_heads + p.num_kv_heads;
   const bool is_q = head < p.num_heads;
+  const bool caching = p.key_cache != nullptr;
+  const int head_units = p.head_dim / N;
   T* x = is_q ? static_cast<T*>(p.query) + t * p.q_s0 + head * p.q_s1
               : static_cast<T*>(p.key) + t * p.k_s0 + (head - p.num_heads) * p.k_s1;
   const int rot_units = p.half / N, rest_units = (p.head_dim - 2 * p.half) / N;
@@ -205,8 +227,23 @@ __global__ void rotary_kernel(const RopeParams p) {
     for (int o = g / 2; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     inv = rsqrtf(ss / static_cast<float>(p.head_dim) + p.eps);
   }
-  if (!valid) return;
-  if (pos < 0 || pos >= p.max_position) return;
+  if (!valid) {
+    const int vh = head - p.num_heads - p.num_kv_heads;
+    if (!caching || vh >= p.num_kv_heads) return;
+    T* dst = cache_row<T>(p, p.value_cache, t, vh, p.vc_block, p.vc_slot, p.vc_head);
+    if (dst == nullptr) return;
+    const T* src = static_cast<const T*>(p.value) + t * p.v_s0 + vh * p.v_s1;
+    for (int u = lane; u < head_units; u += g) store<T, N>(dst + u * N, load<T, N>(src + u * N));
+    return;
+  }
+  T* kc = nullptr;  // this key head's cache row
+  if (caching && !is_q) kc = cache_row<T>(p, p.key_cache, t, head - p.num_heads, p.kc_block, p.kc_slot, p.kc_head);
+  if (pos < 0 || pos >= p.max_position) {
+    if (kc != nullptr) {
+      for (int u = lane; u < head_units; u += g) store<T, N>(kc + u * N, load<T, N>(x + u * N));
+    }
+    return;
+  }
   const T* cos = static_cast<const T*>(p.cache) + pos * p.cache_s0;
   const T* sin = cos + p.half;
   const T* w = static_cast<const T*>(is_q ? p.q_weight : p.k_weight);
@@ -234,9 +271,13 @@ __global__ void rotary_kernel(const RopeParams p) {
     }
     store<T, N>(x + i, x1);
     store<T, N>(x + p.half + i, x2);
+    if (kc != nullptr) {
+      store<T, N>(kc + i, x1);
+      store<T, N>(kc + p.half + i, x2);
+    }
   }
+  T* rest_out = x + 2 * p.half;
   if constexpr (kNorm) {
-    T* rest_out = x + 2 * p.half;
     const T* w_rest = w + 2 * p.half;
     for (int u = lane; u < rest_units; u += g) {
       const Vec<T, N> a = load<T, N>(rest_out + u * N), wv = load<T, N>(w_rest + u * N);
@@ -244,7 +285,10 @@ __global__ void rotary_kernel(const RopeParams p) {
 #pragma unroll
       for (int j = 0; j < N; ++j) o.v[j] = from_float<T>(norm_value<T>(a.v[j], wv.v[j], inv));
       store<T, N>(rest_out + u * N, o);
+      if (kc != nullptr) store<T, N>(kc + 2 * p.half + u * N, o);
     }
+  } else if (kc != nullptr) {  // pass-through dims, unchanged in place, still go to the cache
+    for (int u = lane; u < rest_units; u += g) store<T, N>(kc + 2 * p.half + u * N, load<T, N>(rest_out + u * N));
   }
 }
 
@@ -323,7 +367,8 @@ void rotary_embedding(const RotaryArgs& a, uintptr_t stream_handle) {
   check_rotary_args(a);
   const TensorView &q = a.query, &k = a.key, &cache = a.cos_sin_cache;
   const bool norm = a.q_norm_weight.data != nullptr;
-  const int64_t num_tokens = q.size(0), total_heads = q.size(1) + k.size(1);
+  const bool caching = a.key_cache.data != nullptr;
+  const int64_t num_tokens = q.size(0), total_heads = q.size(1) + k.size(1) * (caching ? 2 : 1);
   if (num_tokens == 0 || total_heads == 0) return;
   check(num_tokens <= INT32_MAX && q.size(2) <= INT32_MAX && total_heads <= INT32_MAX,
         "rotary_embedding: too large for one launch");
@@ -347,11 +392,37 @@ void rotary_embedding(const RotaryArgs& a, uintptr_t stream_handle) {
   p.half = static_cast<int>(a.rotary_dim / 2);
   p.pos64 = a.positions.dtype == DType::kInt64;
   p.eps = a.eps;
+  if (caching) {
+    const TensorView &v = a.value, &kc = a.key_cache, &vc = a.value_cache;
+    p.value = v.data;
+    p.key_cache = kc.data;
+    p.value_cache = vc.data;
+    p.slots = a.slot_mapping.data;
+    p.slots64 = a.slot_mapping.dtype == DType::kInt64;
+    p.slot_stride = a.slot_mapping.stride(0);
+    p.v_s0 = v.stride(0);
+    p.v_s1 = v.stride(1);
+    p.kc_block = kc.stride(0);
+    p.kc_slot = kc.stride(1);
+    p.kc_head = kc.stride(2);
+    p.vc_block = vc.stride(0);
+    p.vc_slot = vc.stride(1);
+    p.vc_head = vc.stride(2);
+    p.block_size = kc.size(1);
+    p.num_slots = kc.size(0) * kc.size(1);
+  }
 
   const int vw = 16 / static_cast<int>(dtype_size(q.dtype));
   bool vec = p.half % vw == 0 && aligned16(p.query) && aligned16(p.key) && aligned16(p.cache);
   for (int64_t s : {p.q_s0, p.q_s1, p.k_s0, p.k_s1, p.cache_s0}) vec = vec && s % vw == 0;
   if (norm) vec = vec && p.head_dim % vw == 0 && aligned16(p.q_weight) && aligned16(p.k_weight);
+  if (caching) {
+    // Whole heads are copied in units too.
+    vec = vec && p.head_dim % vw == 0 && aligned16(p.value) && aligned16(p.key_cache) && aligned16(p.value_cache);
+    for (int64_t s : {p.v_s0, p.v_s1, p.kc_block, p.kc_slot, p.kc_head, p.vc_block, p.vc_slot, p.vc_head}) {
+      vec = vec && s % vw == 0;
+    }
+  }
   const int n = vec ? vw : 1;
   const int units = p.half / n + (norm ? (p.head_dim - 2 * p.half) / n : 0);
   p.group = 1;

@@ -276,6 +276,106 @@ def test_rotary_embedding_contiguous_and_unaligned(device):
         assert torch.equal(k, _torch_rope(k0, positions, cache, rotary_dim))
 
 
+def _paged_cache(num_kv_heads, head_dim, dtype, device, block_size=16, num_blocks=9):
+    poison = float("nan") if dtype.is_floating_point else 0
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return (
+        torch.full(shape, poison, dtype=dtype, device=device),
+        torch.full(shape, poison, dtype=dtype, device=device),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROPE_SHAPES, ids=lambda s: "t{}-h{}-kv{}-d{}-r{}".format(*s))
+@pytest.mark.parametrize("norm", [False, True], ids=["rope", "qk-norm"])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_rotary_embedding_writes_kv_cache(device, dtype, shape, norm, slot_dtype):
+    """With the caches given, the op is rotary_embedding then reshape_and_cache, bit for bit: q and k
+    rotated in place, the rotated key and the value in their slots, padding (-1) slots untouched."""
+    num_tokens, num_heads, num_kv_heads, head_dim, rotary_dim = shape
+    _, q, k, v = _qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, 5 + sum(shape))
+    v = v.view(num_tokens, num_kv_heads, head_dim)
+    cos_sin = _cos_sin_cache(300, rotary_dim, dtype, device)
+    gen = torch.Generator().manual_seed(sum(shape))
+    positions = torch.randint(0, 300, (num_tokens,), generator=gen).to(device)
+    slots = torch.randperm(9 * 16, generator=gen)[:num_tokens]
+    slots[::3] = -1  # padding tokens
+    slots = slots.to(slot_dtype).to(device)
+    w = (_weight(head_dim, 1, dtype, device), _weight(head_dim, 2, dtype, device), 1e-6) if norm else ()
+    q_ref, k_ref = q.clone(), k.clone()
+    kc_ref, vc_ref = _paged_cache(num_kv_heads, head_dim, dtype, device)
+    ops.rotary_embedding(positions, q_ref, k_ref, cos_sin, rotary_dim, *w)
+    ops.reshape_and_cache(k_ref, v, kc_ref, vc_ref, slots)
+    kc, vc = _paged_cache(num_kv_heads, head_dim, dtype, device)
+    ops.rotary_embedding(
+        positions, q, k, cos_sin, rotary_dim, *w, value=v, key_cache=kc, value_cache=vc, slot_mapping=slots
+    )
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref), "q/k differ from the unfused rotation"
+    # NaN poison stays NaN where nothing is written: compare with NaNs equal.
+    assert torch.equal(kc.nan_to_num(7.0), kc_ref.nan_to_num(7.0)), "key cache differs from reshape_and_cache"
+    assert torch.equal(vc.nan_to_num(7.0), vc_ref.nan_to_num(7.0)), (
+        "value cache differs from reshape_and_cache"
+    )
+    written = int((slots >= 0).sum()) * num_kv_heads * head_dim
+    assert int(kc.isfinite().sum()) == written and int(vc.isfinite().sum()) == written
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_embedding_kv_cache_bad_input(device):
+    cos_sin = _cos_sin_cache(16, 16, torch.float32, device)
+    q, k = _randn(3, 4, 16, seed=1, device=device), _randn(3, 2, 16, seed=2, device=device)
+    v = _randn(3, 2, 16, seed=3, device=device)
+    kc, vc = _paged_cache(2, 16, torch.float32, device, num_blocks=2)
+    pos, slots = torch.arange(3, device=device), torch.tensor([0, 1, 2], device=device)
+    with pytest.raises(ValueError, match="together, or none"):
+        ops.rotary_embedding(pos, q, k, cos_sin, 16, value=v, key_cache=kc, value_cache=vc)
+    with pytest.raises(ValueError, match="key and value must both be"):
+        ops.rotary_embedding(
+            pos, q, k, cos_sin, 16, value=v[:, :1], key_cache=kc, value_cache=vc, slot_mapping=slots
+        )
+    with pytest.raises(TypeError, match="slot_mapping has dtype float32"):
+        ops.rotary_embedding(
+            pos, q, k, cos_sin, 16, value=v, key_cache=kc, value_cache=vc, slot_mapping=slots.float()
+        )
+    if device == "cpu":
+        q0 = q.clone()
+        with pytest.raises(ValueError, match=r"slot_mapping\[2\] = 99 is outside"):
+            ops.rotary_embedding(
+                pos,
+                q,
+                k,
+                cos_sin,
+                16,
+                value=v,
+                key_cache=kc,
+                value_cache=vc,
+                slot_mapping=torch.tensor([0, 1, 99]),
+            )
+        assert kc.isnan().all() and vc.isnan().all(), "a refused slot leaves the caches untouched"
+        assert not torch.equal(q, q0), "q/k were rotated before the slots were checked (documented)"
+
+
+@pytest.mark.cuda
+def test_rotary_embedding_kv_cache_position_out_of_range_on_cuda():
+    """CUDA leaves a token with an out-of-range position unrotated; its key still goes to the cache as
+    it is (what reshape_and_cache after the rotation would write)."""
+    cos_sin = _cos_sin_cache(8, 16, torch.bfloat16, "cuda")
+    q, k = (
+        _randn(2, 2, 16, seed=1, dtype=torch.bfloat16, device="cuda"),
+        _randn(2, 1, 16, seed=2, dtype=torch.bfloat16, device="cuda"),
+    )
+    v = _randn(2, 1, 16, seed=3, dtype=torch.bfloat16, device="cuda")
+    kc, vc = _paged_cache(1, 16, torch.bfloat16, "cuda", num_blocks=1)
+    positions, slots = torch.tensor([3, 8], device="cuda"), torch.tensor([5, 6], device="cuda")
+    k0 = k.clone()
+    ops.rotary_embedding(
+        positions, q, k, cos_sin, 16, value=v, key_cache=kc, value_cache=vc, slot_mapping=slots
+    )
+    assert torch.equal(kc[0, 6], k0[1]) and torch.equal(vc[0, 6], v[1])
+    assert torch.equal(kc[0, 5], k[0]) and not torch.equal(k[0], k0[0])
+
+
 def test_rotary_embedding_position_out_of_range_raises_on_cpu():
     cache = _cos_sin_cache(8, 16, torch.float32, "cpu")
     q, k = _randn(2, 2, 16, seed=1), _randn(2, 1, 16, seed=2)

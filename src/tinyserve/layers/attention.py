@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tinyserve import ops
+from tinyserve.layers.rotary import KVCacheWrite
 
 
 @dataclass
@@ -118,22 +119,41 @@ class Attention(nn.Module):
         self.key_cache = key_cache
         self.value_cache = value_cache
 
-    def forward(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_metadata: AttentionMetadata
-    ) -> torch.Tensor:
+    def _caches(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.key_cache is None or self.value_cache is None:
             raise RuntimeError("Attention has no KV cache: call model.bind_kv_caches(...) before forward")
+        return self.key_cache, self.value_cache
+
+    def cache_write(self, value: torch.Tensor, attn_metadata: AttentionMetadata) -> KVCacheWrite:
+        """Where this step's keys and values go, for an op that writes them as it computes the keys
+        (the RoPE kernel); then call forward with `kv_written=True`. value [num_tokens, num_kv_heads *
+        head_dim] or [num_tokens, num_kv_heads, head_dim]."""
+        key_cache, value_cache = self._caches()
+        v = value.view(-1, self.num_kv_heads, self.head_dim)
+        return KVCacheWrite(v, key_cache, value_cache, attn_metadata.slot_mapping)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        kv_written: bool = False,
+    ) -> torch.Tensor:
+        """kv_written: this step's key and value are in the cache already (see cache_write)."""
+        key_cache, value_cache = self._caches()
         md = attn_metadata
         # Views only: the ops take any strides with a unit last stride (e.g. slices of the fused qkv output).
         q = query.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
-        k = key.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
-        v = value.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
-        ops.reshape_and_cache(k, v, self.key_cache, self.value_cache, md.slot_mapping)
+        if not kv_written:
+            k = key.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+            v = value.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+            ops.reshape_and_cache(k, v, key_cache, value_cache, md.slot_mapping)
         if md.is_decode_only:
             out = ops.paged_attention_decode(
                 q,
-                self.key_cache,
-                self.value_cache,
+                key_cache,
+                value_cache,
                 md.block_tables,
                 md.context_lens,
                 self.scale,
@@ -142,8 +162,8 @@ class Attention(nn.Module):
         else:
             out = ops.paged_attention_prefill(
                 q,
-                self.key_cache,
-                self.value_cache,
+                key_cache,
+                value_cache,
                 md.block_tables,
                 md.query_start_loc,
                 md.seq_lens,

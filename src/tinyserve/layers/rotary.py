@@ -89,27 +89,24 @@ class RotaryEmbedding(nn.Module):
         key: torch.Tensor,
         q_norm: RMSNorm | None = None,
         k_norm: RMSNorm | None = None,
+        kv_cache: KVCacheWrite | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotates in place and returns (query, key). positions [num_tokens]; query [num_tokens,
         num_heads, head_dim] and key [num_tokens, num_kv_heads, head_dim] (views with a unit last stride,
-        not overlapping). With q_norm and k_norm (Qwen3), each head is RMS-normalised first."""
+        not overlapping). With q_norm and k_norm (Qwen3), each head is RMS-normalised first. With
+        `kv_cache`, the rotated key and the value are also written into the paged cache (same kernel)."""
         if (q_norm is None) != (k_norm is None):
             raise ValueError("give both q_norm and k_norm, or neither")
+        q_weight = k_weight = None
+        eps = 1e-6
         if q_norm is not None and k_norm is not None:
             if q_norm.eps != k_norm.eps:
                 raise ValueError(f"q_norm and k_norm must share one eps, got {q_norm.eps} and {k_norm.eps}")
-            ops.rotary_embedding(
-                positions,
-                query,
-                key,
-                self.cos_sin_cache,
-                self.rotary_dim,
-                q_norm.weight,
-                k_norm.weight,
-                q_norm.eps,
-            )
-        else:
-            ops.rotary_embedding(positions, query, key, self.cos_sin_cache, self.rotary_dim)
+            q_weight, k_weight, eps = q_norm.weight, k_norm.weight, q_norm.eps
+        cache = {} if kv_cache is None else kv_cache.kwargs()
+        ops.rotary_embedding(
+            positions, query, key, self.cos_sin_cache, self.rotary_dim, q_weight, k_weight, eps, **cache
+        )
         return query, key
 
     def at(self, positions: torch.Tensor) -> BoundRope:
@@ -118,6 +115,25 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, max_position={self.max_position}"
+
+
+@dataclass(frozen=True)
+class KVCacheWrite:
+    """Where a rotation also writes the KV cache: the value [num_tokens, num_kv_heads, head_dim], a
+    layer's key/value caches and the step's slot_mapping (see ops.reshape_and_cache)."""
+
+    value: torch.Tensor
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+
+    def kwargs(self) -> dict[str, torch.Tensor]:
+        return {
+            "value": self.value,
+            "key_cache": self.key_cache,
+            "value_cache": self.value_cache,
+            "slot_mapping": self.slot_mapping,
+        }
 
 
 @dataclass(frozen=True)
@@ -133,5 +149,6 @@ class BoundRope:
         key: torch.Tensor,
         q_norm: RMSNorm | None = None,
         k_norm: RMSNorm | None = None,
+        kv_cache: KVCacheWrite | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rotary(self.positions, query, key, q_norm, k_norm)
+        return self.rotary(self.positions, query, key, q_norm, k_norm, kv_cache)

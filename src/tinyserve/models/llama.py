@@ -41,9 +41,10 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim], a view of qkv
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim], a view
-        # In place on the views, one kernel; Qwen3 (q_norm/k_norm set): RMSNorm per head, then RoPE.
-        rope(q, k, self.q_norm, self.k_norm)
-        out = self.attn(q, k, v, md)  # [num_tokens, num_heads * head_dim]
+        # In place on the views, one kernel that also writes this step's K/V into the paged cache;
+        # Qwen3 (q_norm/k_norm set): RMSNorm per head, then RoPE.
+        rope(q, k, self.q_norm, self.k_norm, self.attn.cache_write(v, md))
+        out = self.attn(q, k, v, md, kv_written=True)  # [num_tokens, num_heads * head_dim]
         return self.o_proj(out)
 
 

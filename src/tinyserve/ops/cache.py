@@ -77,6 +77,22 @@ def reshape_and_cache(
     The copy is exact. On CUDA nothing is read back to the host, so out-of-range slots are not
     detected there (the CPU twin raises ValueError for them).
     """
+    check_cache_write(key, value, key_cache, value_cache, slot_mapping)
+    if key.shape[0] == 0:
+        return
+    _C.reshape_and_cache(
+        view(key), view(value), view(key_cache), view(value_cache), view(slot_mapping), stream_of(key_cache)
+    )
+
+
+def check_cache_write(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """The argument checks of reshape_and_cache (also for ops that write the cache as they go)."""
     check_tensor("key", key)
     check_tensor("value", value)
     check_tensor("slot_mapping", slot_mapping)
@@ -110,8 +126,3 @@ def reshape_and_cache(
         )
     if key.stride(2) != 1 or value.stride(2) != 1:
         raise ValueError("key and value must be contiguous in their last (head_dim) dimension")
-    if key.shape[0] == 0:
-        return
-    _C.reshape_and_cache(
-        view(key), view(value), view(key_cache), view(value_cache), view(slot_mapping), stream_of(key_cache)
-    )

@@ -13,6 +13,7 @@ import torch
 from tinyserve import _C
 
 from ._tensor import check_tensor, stream_of, view
+from .cache import check_cache_write
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _POSITION_DTYPES = (torch.int32, torch.int64)
@@ -131,9 +132,15 @@ def rotary_embedding(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    *,
+    value: torch.Tensor | None = None,
+    key_cache: torch.Tensor | None = None,
+    value_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
 ) -> None:
     """In place: rotary position embedding in Hugging Face's half-split ("neox") layout, optionally
-    after Qwen3's per-head RMSNorm of q and k (`q = rms_norm(q, q_norm_weight, eps)` per head).
+    after Qwen3's per-head RMSNorm of q and k (`q = rms_norm(q, q_norm_weight, eps)` per head), and
+    optionally writing the KV cache as well.
 
     Dims i and i + rotary_dim/2 (i < rotary_dim/2) of every head rotate by the angle of
     `cos_sin_cache[positions[t]]`; dims past rotary_dim pass through (partial rotary). Products are
@@ -151,6 +158,12 @@ def rotary_embedding(
         rotary_dim: even, in (0, head_dim].
         q_norm_weight, k_norm_weight: both None, or both [head_dim] contiguous of query's dtype.
         eps: the q/k norm's epsilon.
+        value, key_cache, value_cache, slot_mapping: all None, or all given: then the rotated key and
+            `value` also go into the paged caches, exactly as `reshape_and_cache(key, value,
+            key_cache, value_cache, slot_mapping)` after the rotation would write them (same
+            arguments and checks). On CUDA it is the same kernel (one launch instead of two); on
+            the CPU a slot outside the cache raises ValueError after q and k were rotated, with
+            the caches untouched.
     """
     _check_float("query", query)
     _check_like("key", key, query, "query", same_shape=False)
@@ -189,6 +202,14 @@ def rotary_embedding(
     if q_norm_weight is not None and k_norm_weight is not None:
         qw = view(_check_weight("q_norm_weight", q_norm_weight, query, "query"))
         kw = view(_check_weight("k_norm_weight", k_norm_weight, query, "query"))
+    cache_args = (value, key_cache, value_cache, slot_mapping)
+    writes_cache = key_cache is not None
+    if any((t is None) == writes_cache for t in cache_args):
+        raise ValueError("give value, key_cache, value_cache and slot_mapping together, or none of them")
+    if writes_cache:
+        assert value is not None and key_cache is not None
+        assert value_cache is not None and slot_mapping is not None
+        check_cache_write(key, value, key_cache, value_cache, slot_mapping)
     if num_tokens == 0:
         return
     _C.rotary_embedding(
@@ -200,6 +221,7 @@ def rotary_embedding(
         qw,
         kw,
         float(eps),
+        *(view(t) if t is not None else None for t in cache_args),
         stream_of(query),
     )
 
