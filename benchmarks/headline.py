@@ -113,6 +113,18 @@ def single_stream(llm: LLM, prompt_len: int, new_tokens: int) -> tuple[float, fl
     return (new_tokens - 1) / (end - first), first - t0
 
 
+def print_linear_choices(llm: LLM) -> None:
+    """The per-card kernel choice of the decode-sized linear layers (runner/linear_tuning.py)."""
+    for c in llm.engine.runner.linear_choices:
+        n, k = c.shape
+        pick = "skinny" if c.skinny else "cuBLAS"
+        print(
+            f"  linear {n}x{k} x{c.layers} at {c.rows} rows: cuBLAS {c.cublas_s * 1e6:.1f} us, "
+            f"skinny {c.skinny_s * 1e6:.1f} us -> {pick}",
+            flush=True,
+        )
+
+
 def harness_limit(prompts, max_tokens, steps: int, wbytes: int, kv_tok: int, bw: float) -> tuple[float, str]:
     """Seconds the harness needs at the copy bandwidth: weights once per step plus every generated
     token's read of its context's K and V (prefill reads counted as one pass over each prompt)."""
@@ -156,6 +168,7 @@ def main() -> None:
         f"(engine: {llm.engine.startup_seconds:.2f} s), KV pool {llm.engine.kv_pool_tokens} tokens",
         flush=True,
     )
+    print_linear_choices(llm)
     # warm-up request, as in the vLLM figure
     llm.generate([{"prompt_token_ids": [5] * 32}], SamplingParams(max_tokens=16), use_tqdm=False)
 
@@ -200,6 +213,7 @@ def main() -> None:
         llm8, startup8 = make_llm(
             LLAMA8B, max_model_len=2048, max_num_seqs=8, enforce_eager=args.enforce_eager
         )
+        print_linear_choices(llm8)
         tps_8b, ttft_8b = single_stream(llm8, 512, 256)
         wb_8b = weight_bytes(llm8)
         results.update(

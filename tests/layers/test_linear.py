@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tinyserve.layers.linear import Linear, MergedLinear
@@ -28,3 +29,66 @@ def test_merged_linear_equals_separate_projections() -> None:
 def test_linear_without_bias() -> None:
     layer = Linear(8, 3, bias=False, dtype=torch.bfloat16)
     assert layer.bias is None and layer.weight.dtype == torch.bfloat16 and layer.weight.shape == (3, 8)
+
+
+def test_skinny_rows_route_to_the_skinny_kernel(monkeypatch) -> None:
+    """Token counts in `skinny_rows` run ops.skinny_linear (the C++ twin on CPU); others cuBLAS/torch."""
+    from tinyserve import ops
+
+    gen = torch.Generator().manual_seed(3)
+    layer = Linear(64, 24, bias=True, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(24, 64, generator=gen))
+        layer.bias.copy_(torch.randn(24, generator=gen))
+    calls = []
+    original = ops.skinny_linear
+    monkeypatch.setattr(
+        ops, "skinny_linear", lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k)
+    )
+    layer.skinny_rows = frozenset({2})
+    for rows in (1, 2, 3):
+        x = torch.randn(rows, 64, generator=gen).bfloat16()
+        with torch.no_grad():
+            y = layer(x)
+        want = (x.double() @ layer.weight.double().T + layer.bias.double()).to(torch.bfloat16)
+        torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+    assert calls == [2]
+    # A non-contiguous input never takes the skinny path (the kernel needs contiguous rows).
+    x = torch.randn(64, 2, generator=gen).bfloat16().T
+    with torch.no_grad():
+        layer(x)
+    assert calls == [2]
+
+
+@pytest.mark.cuda
+def test_tune_linear_layers_on_cuda() -> None:
+    """Every 16-bit Linear is measured at each row count <= SKINNY_MAX_ROWS and takes the skinny
+    kernel exactly where it measured faster by the margin; the outputs stay those of a linear layer."""
+    from tinyserve import ops
+    from tinyserve.runner.linear_tuning import tune_linear_layers
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList(
+        [Linear(1024, 2048, dtype=torch.bfloat16) for _ in range(4)]
+        + [Linear(2048, 1024, bias=True, dtype=torch.bfloat16) for _ in range(4)]
+    ).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    choices = tune_linear_layers(model, [1, 4, 16, 64])
+    assert {(c.shape, c.rows) for c in choices} == {
+        (shape, rows) for shape in ((2048, 1024), (1024, 2048)) for rows in (1, 4, 16)
+    }
+    for c in choices:
+        assert c.layers == 4 and c.cublas_s > 0 and c.skinny_s > 0
+    for layer in model:
+        want = {c.rows for c in choices if c.shape == tuple(layer.weight.shape) and c.skinny}
+        assert layer.skinny_rows == frozenset(want)
+        for rows in (1, 4, 16, 64):
+            x = torch.randn(rows, layer.input_size, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                ref = torch.nn.functional.linear(
+                    x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float()
+                )
+                torch.testing.assert_close(layer(x).float(), ref, rtol=2e-2, atol=2e-3)
+    assert ops.SKINNY_MAX_ROWS == 16

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinyserve import ops
+
 
 class Linear(nn.Module):
     """y = x @ weight.T (+ bias). weight [output_size, input_size], bias [output_size] (HF layout)."""
@@ -22,9 +24,14 @@ class Linear(nn.Module):
         # NOTE: torch.empty: the loader (or dummy init) writes every element before first use.
         self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(output_size, dtype=dtype)) if bias else None
+        # Token counts at which ops.skinny_linear runs instead of cuBLAS: measured per card by the
+        # runner (runner/linear_tuning.py); empty until then.
+        self.skinny_rows: frozenset[int] = frozenset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [num_tokens, input_size] -> [num_tokens, output_size]."""
+        if x.shape[0] in self.skinny_rows and x.is_contiguous():
+            return ops.skinny_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

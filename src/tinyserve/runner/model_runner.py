@@ -26,6 +26,7 @@ from tinyserve.scheduler.output import SchedulerOutput
 from .cuda_graphs import DecodeGraphs, graph_batch_sizes
 from .input_batch import InputBatch, StepInputs
 from .kv_cache_alloc import allocate_kv_caches, cpu_kv_budget, cuda_kv_budget, kv_bytes_per_block
+from .linear_tuning import LinearChoice, tune_linear_layers
 
 
 @dataclass
@@ -135,6 +136,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.use_graphs = self.device.type == "cuda" and not enforce_eager
         self.graphs: DecodeGraphs | None = None
+        self.linear_choices: list[LinearChoice] = []  # measured by capture_graphs
         # The latest step's sampled ids [num_logits] on the device: the next step's placeholders.
         self._previous_samples: torch.Tensor | None = None
 
@@ -207,11 +209,13 @@ class ModelRunner:
         self.model.bind_kv_caches(self.kv_caches)
 
     def capture_graphs(self) -> float:
-        """Capture the decode graphs (no-op on CPU or with enforce_eager); returns seconds spent."""
+        """Choose the linear kernels for the decode batch sizes (linear_tuning.py), then capture the
+        decode graphs (no-op on CPU or with enforce_eager); returns seconds spent."""
         if not self.use_graphs:
             return 0.0
         start = time.perf_counter()
         sizes = graph_batch_sizes(self.max_num_seqs)
+        self.linear_choices = tune_linear_layers(self.model, sizes)
         self.graphs = DecodeGraphs(self.model, self.inputs, sizes, self.max_model_len)
         self.graphs.capture()
         return time.perf_counter() - start

@@ -1,0 +1,112 @@
+"""Per-card choice between cuBLAS (F.linear) and TinyServe's skinny GEMM for decode-sized products.
+
+Neither kernel wins everywhere: at a handful of token rows the product only streams the weight, and
+which kernel streams a given weight shape faster depends on the card and on the heuristics of the
+installed cuBLAS (benchmarks/RESULTS.md has one card where cuBLAS picks a split-K kernel at 0.3 TB/s
+for one shape at one row, and beats the skinny kernel everywhere else). So the runner measures, once
+at start-up and before it captures the decode graphs: for every group of linear layers that share a
+weight shape and every row count the decode graphs use up to SKINNY_MAX_ROWS, both kernels run over
+the whole group (each layer's weight once, as a decode step reads them, so the weights come from
+memory and not from L2), and the skinny kernel takes those row counts where it is clearly faster.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinyserve import ops
+from tinyserve.layers.linear import Linear
+
+logger = logging.getLogger(__name__)
+
+MARGIN = 0.05  # the skinny kernel must be this much faster, so near-equal timings don't flip-flop
+REPEATS = 5
+
+
+@dataclass(frozen=True)
+class LinearChoice:
+    """One measured (weight shape, rows) cell: seconds for the whole group with each kernel."""
+
+    shape: tuple[int, int]  # (out_features, in_features)
+    rows: int
+    layers: int
+    cublas_s: float
+    skinny_s: float
+
+    @property
+    def skinny(self) -> bool:
+        return self.skinny_s < (1.0 - MARGIN) * self.cublas_s
+
+
+def _time(fn, repeats: int = REPEATS) -> float:
+    """Median seconds of one replay of `fn` captured in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+@torch.inference_mode()
+def tune_linear_layers(model: nn.Module, rows: list[int]) -> list[LinearChoice]:
+    """Measure and set `skinny_rows` on every Linear of `model` (CUDA, float16/bfloat16 weights).
+
+    rows: the token counts to decide for (those above ops.SKINNY_MAX_ROWS are skipped).
+    Returns every measured cell.
+    """
+    groups: dict[tuple[int, int, bool], list[Linear]] = defaultdict(list)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.skinny_rows = frozenset()
+            groups[tuple(module.weight.shape) + (module.bias is not None,)].append(module)
+    choices = []
+    for (n, k, _), layers in groups.items():
+        weight = layers[0].weight
+        if not weight.is_cuda or weight.dtype not in (torch.float16, torch.bfloat16):
+            continue
+        chosen = set()
+        for m in rows:
+            if m > ops.SKINNY_MAX_ROWS:
+                continue
+            x = torch.randn(m, k, dtype=weight.dtype, device=weight.device)
+            if not all(ops.skinny_linear_supported(x, la.weight, la.bias) for la in layers):
+                continue
+            out = torch.empty(m, n, dtype=weight.dtype, device=weight.device)
+
+            def cublas(x=x, layers=layers):
+                for la in layers:
+                    F.linear(x, la.weight, la.bias)
+
+            def skinny(x=x, out=out, layers=layers):
+                for la in layers:
+                    ops.skinny_linear(x, la.weight, la.bias, out=out)
+
+            choice = LinearChoice((n, k), m, len(layers), _time(cublas), _time(skinny))
+            choices.append(choice)
+            if choice.skinny:
+                chosen.add(m)
+        for la in layers:
+            la.skinny_rows = frozenset(chosen)
+        if chosen:
+            logger.info("linear %dx%d (%d layers): skinny GEMM at rows %s", n, k, len(layers), sorted(chosen))
+    return choices
