@@ -16,8 +16,10 @@
 namespace tinyserve::cpu {
 namespace {
 
-// Below this many elements the work stays on the calling thread: waking an OpenMP team costs more.
-constexpr int64_t kParallelMinElems = int64_t{1} << 14;
+// Below this many tokens (~1 ms of work) the work stays on the calling thread. NOTE: kept high on
+// purpose: a step of a small model (e.g. 32 x 512 logits) must not wake this library's OpenMP team,
+// whose spinning threads then compete with torch's own thread pool for the same cores.
+constexpr int64_t kParallelMinElems = int64_t{1} << 17;
 // Tokens per work item; a multiple of 4, so every item starts a Philox group.
 constexpr int64_t kChunk = int64_t{1} << 13;
 

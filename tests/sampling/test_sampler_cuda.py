@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinyserve.sampling import RequestSamplingState, Sampler, SamplingMetadata, make_generator
+from tinyserve.sampling import RequestSamplingState, Sampler, SamplingMetadata
 from tinyserve.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -24,10 +24,9 @@ def mixed_batch(num_seqs: int) -> tuple[list[SamplingParams], list[RequestSampli
             SamplingParams(temperature=0.7, presence_penalty=0.5, frequency_penalty=0.3, logprobs=2),
             SamplingParams(temperature=1.1, top_k=20, top_p=0.95, seed=1000 + i),
         ][kind]
-        gen = make_generator(p.seed, "cuda") if p.seed is not None else None
         params.append(p)
         states.append(
-            RequestSamplingState(list(range(i, i + 40)), list(range(3 * i, 3 * i + 2 + i % 7)), gen)
+            RequestSamplingState(list(range(i, i + 40)), list(range(3 * i, 3 * i + 2 + i % 7)), p.seed)
         )
     return params, states
 
