@@ -14,15 +14,16 @@
 // Both filters compare against theta minus a slack that covers their rounding, and theta is a score
 // the block has actually found, so no token that could win (or tie with a lower index) is skipped:
 // the result is the argmax of the float32 scores, as the CPU twin computes them (up to the 1-ulp
-// logs). Only the first pass of a block (theta still -inf) pays for every token; it is kept short.
+// logs). A block's first pass has no theta yet: there each thread scores its most promising token
+// first, and the warp's best of those is theta for the rest of the pass.
 //
 // What is left per token on the steady path (SASS, sm_90, bf16): a quarter of a Philox call (about
 // 10 instructions, 5 of them IMAD.WIDE), filter 2 (5 instructions, one MUFU) and the conversion and
 // filter 1 (about 3): ~20 issue slots, roughly the budget of a bf16 stream at full H100 bandwidth.
 //
-// A row is split over several thread blocks when there are too few rows for two blocks per SM (a
-// single row of 151,936 tokens runs as 19 blocks); each block writes its best key to the workspace
-// and a one-warp kernel per row picks the largest. Nothing is read back on the host, so the op can
+// A row is split over several thread blocks when there are too few rows to fill the GPU with one
+// wave of blocks (a single row of 151,936 tokens runs as 19 blocks); each block writes its best key
+// to the workspace and a one-warp kernel per row picks the largest. Nothing is read back on the host, so the op can
 // be captured in CUDA graphs.
 #include <algorithm>
 #include <cstdint>
@@ -185,6 +186,56 @@ __device__ __forceinline__ void block_pass(const T* row, int u_first, int u_end,
   }
 }
 
+// Filter 2's bound x - T log(tl) itself (see may_win).
+__device__ __forceinline__ float score_bound(uint32_t r, float x, const RowNoise& rn) {
+  const float tl = (2.f - 0x1p-23f) - __uint_as_float(0x3F800000u + (r >> 9));
+  return fmaf(rn.neg_t_ln2, fast_log2(tl), x);
+}
+
+// The first pass of a block over a sampled row, while theta is still -inf. Each thread scores only
+// its most promising token (the largest filter-2 bound) at first; the best of those in the warp
+// becomes theta, and the thread's unit then goes through filter 2 against it. Without this step,
+// every token of the first pass would pay for the accurate logs.
+template <typename T, int N, bool kVec>
+__device__ __forceinline__ void first_pass(const T* row, int u_first, int u_end, const RowNoise& rn,
+                                           uint64_t& best) {
+  const int u = u_first + static_cast<int>(threadIdx.x);
+  const bool active = u < u_end;
+  const int v0 = u * N;
+  float x[N];
+  float top_bound = -INFINITY, top_x = 0.f;
+  uint32_t top_word = 0;
+  int top = -1;
+  if (active) {
+    using Load = Raw<T, 16 / static_cast<int>(sizeof(T))>;
+    Load raw;
+    if constexpr (kVec) raw = *reinterpret_cast<const Load*>(row + int64_t{u} * N);
+#pragma unroll
+    for (int j = 0; j < N; ++j) x[j] = to_float<T>(kVec ? raw.v[j] : row[v0 + j]);
+#pragma unroll
+    for (int g = 0; g < N / 4; ++g) {
+      const PhiloxWords r = noise_words(rn.key, rn.counter, static_cast<uint32_t>(v0 / 4 + g));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float bound = score_bound(r.w[j], x[4 * g + j], rn);
+        if (top < 0 || bound > top_bound) {  // (a NaN bound never replaces the first token)
+          top = 4 * g + j;
+          top_bound = bound;
+          top_x = x[4 * g + j];
+          top_word = r.w[j];
+        }
+      }
+    }
+    const float s = fmaf(rn.neg_t, logf(exponential_device(top_word)), top_x);
+    best = key_max(best, score_key(s, static_cast<uint32_t>(v0 + top)));
+  }
+  auto theta = static_cast<unsigned>(best >> 32);  // every lane takes part, active or not
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) theta = max(theta, __shfl_xor_sync(kFullMask, theta, o));
+  const float edge = lower_edge(ordered_float(theta), rn.slack);
+  if (active && unit_may_win<N, false>(x, v0, N, rn, edge)) score_unit<T, N>(row, v0, N, rn, edge, best);
+}
+
 // The last, partial unit of a row (vocab_size % N tokens), by one thread.
 template <typename T, int N>
 __device__ __forceinline__ void tail_unit(const T* row, int v0, int vocab, bool sample, const RowNoise& rn,
@@ -237,9 +288,13 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleParams p) 
   };
   const int full_end = min(u_end, p.vocab / N);  // whole units of the split
   int u = u_begin;
-  if (u < full_end) {  // a short first pass (theta is -inf there, so it pays for every token)
-    block_pass<T, N, kVec, 1, true>(x_row, u, full_end, sample, rn, edge, best);
-    if (sample) share_theta();
+  if (u < full_end) {  // a short first pass, where theta is found
+    if (sample) {
+      first_pass<T, N, kVec>(x_row, u, full_end, rn, best);
+      share_theta();
+    } else {
+      block_pass<T, N, kVec, 1, true>(x_row, u, full_end, sample, rn, edge, best);
+    }
     u += kThreads;
   }
   for (; u + kThreads * kUnroll <= full_end; u += kThreads * kUnroll) {
@@ -333,13 +388,13 @@ void launch_sample(const SampleArgs& a, SampleParams p, cudaStream_t stream) {
   const void* func = reinterpret_cast<const void*>(&sample_kernel<T, N, kVec>);
   const int64_t num_seqs = a.logits.size(0);
   const int units = (p.vocab + N - 1) / N;
-  // Split rows only as far as needed for two blocks per SM (the first, filter-free pass of every
-  // block is its expensive part), and never below one long pass per block.
+  // Split rows as far as one wave of resident blocks allows (the first pass of every block, which
+  // finds its theta, costs more than the others), but never below one long pass per block.
   int splits = 1;
   const int64_t capacity = a.workspace.data != nullptr ? a.workspace.size(0) / num_seqs : 1;
   if (capacity >= 2) {
     const Occupancy o = occupancy(func, a.logits.device);
-    const int64_t fill = std::min(o.sms * o.per_sm, 2 * o.sms) / num_seqs;
+    const int64_t fill = int64_t{o.sms} * o.per_sm / num_seqs;
     const int64_t longest = (units + kThreads * kUnroll - 1) / (kThreads * kUnroll);
     splits = static_cast<int>(std::max<int64_t>(1, std::min({fill, longest, capacity})));
   }
