@@ -96,3 +96,20 @@ def test_seeded_rows_same_tokens_on_cpu_and_cuda(extra: dict) -> None:
         picked[device] = Sampler()(logits.to(device), md).sampled_token_ids.cpu()
     same = (picked["cpu"] == picked["cuda"]).sum().item()
     assert same >= num_seqs - 1, f"{num_seqs - same} rows differ (only exact float near-ties may)"
+
+
+def test_metadata_on_cuda_matches_cpu() -> None:
+    """The single packed host->device copy (float columns, then uint64 keys and counters at an 8-byte
+    offset) gives the same per-row tensors as the CPU build."""
+    params, states = mixed_batch(37)
+    built = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)  # the same step key for the unseeded rows
+        built[device] = SamplingMetadata.build(
+            params, states, vocab_size=VOCAB, device=device, eos_token_ids=[2]
+        )
+    names = ["temperature", "is_greedy", "top_k", "top_p", "min_p", "presence_penalty", "noise_keys"]
+    for name in [*names, "noise_counters", "frequency_penalty", "repetition_penalty"]:
+        cpu, cuda = getattr(built["cpu"], name), getattr(built["cuda"], name)
+        assert cpu is not None and cuda is not None and cuda.device.type == "cuda", name
+        assert torch.equal(cpu, cuda.cpu()), name
