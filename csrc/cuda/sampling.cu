@@ -3,8 +3,8 @@
 // the sorted top-p path).
 //
 // Where the time goes. Every sampled token needs its Philox word (10 rounds per 4 tokens) and, for
-// its score x - T * log(E), two accurate logs (E = -log U, then log E): ~60 instructions, about
-// three times the issue budget of reading bf16 logits at full bandwidth. So each thread block keeps theta,
+// its score x - T * log(E), two accurate logs (E = -log U, then log E): ~60 instructions, about three
+// times the issue budget of reading bf16 logits at full bandwidth. So each thread block keeps theta,
 // the best score it has found so far (shared through shared memory), and only pays where a token
 // can still reach it, through two exact filters:
 //   1. before Philox: U <= 1 - 2^-25, so E >= 2^-25 and every score is below x + 17.33 T. A unit of
@@ -12,19 +12,20 @@
 //   2. before the logs: E = -log(U) >= 1 - U, so s <= x - T log(1 - U). That bound costs one fast
 //      log2 of the Philox word's bits; the accurate logs run only where it reaches theta.
 // Both filters compare against theta minus a slack that covers their rounding, and theta is a score
-// the block has actually found, so no token that could win (or tie with a lower index) is skipped:
-// the result is the argmax of the float32 scores, as the CPU twin computes them (up to the 1-ulp
-// logs). A block's first pass has no theta yet: there each thread scores its most promising token
-// first, and the warp's best of those is theta for the rest of the pass.
+// found in the row, so no token that could win (or tie with a lower index) is skipped: the result is
+// the argmax of the float32 scores, as the CPU twin computes them (up to the 1-ulp logs). A block's
+// first pass has no theta yet: there each thread scores its most promising token first, and the
+// warp's best of those is theta for the rest of the pass.
 //
-// What is left per token on the steady path (SASS, sm_90, bf16): a quarter of a Philox call (about
-// 10 instructions, 5 of them IMAD.WIDE), filter 2 (5 instructions, one MUFU) and the conversion and
-// filter 1 (about 3): ~20 issue slots, roughly the budget of a bf16 stream at full H100 bandwidth.
+// What is left per token on the steady path (read off the sm_90 SASS for bf16; an estimate, not a
+// measurement): a quarter of a Philox call (about 10 instructions, 5 of them IMAD.WIDE), filter 2
+// (5, one MUFU), the conversion and filter 1 (about 3): ~20 issue slots, roughly the budget of a bf16
+// stream at full H100 bandwidth, above it on an H200. Flat rows pay all of it; peaked rows skip Philox.
 //
 // A row is split over several thread blocks when there are too few rows to fill the GPU with one
 // wave of blocks (a single row of 151,936 tokens runs as 19 blocks); each block writes its best key
-// to the workspace and a one-warp kernel per row picks the largest. Nothing is read back on the host, so the op can
-// be captured in CUDA graphs.
+// to the workspace and a one-warp kernel per row picks the largest. Nothing is read back on the
+// host, so the op can be captured in CUDA graphs.
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
@@ -162,7 +163,8 @@ __device__ __forceinline__ void block_pass(const T* row, int u_first, int u_end,
   if constexpr (kVec) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      if (!kChecked || u0 + r * kThreads < u_end) raw[r] = *reinterpret_cast<const Load*>(row + int64_t{u0 + r * kThreads} * N);
+      const int u = u0 + r * kThreads;
+      if (!kChecked || u < u_end) raw[r] = *reinterpret_cast<const Load*>(row + int64_t{u} * N);
     }
   }
   uint32_t hits = 0;  // bit r: unit r may hold a token that reaches theta
