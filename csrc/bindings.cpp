@@ -218,6 +218,43 @@ void silu_and_mul(const TensorView& x, const TensorView& out, uintptr_t stream) 
   }
 }
 
+// ---- sampling (CPU twin or CUDA kernel, by the device of the data) ----
+
+// workspace: None, or int64 scratch for the partial results of rows split over thread blocks (CUDA).
+void sample_from_logits(const TensorView& logits, const TensorView& temperature, const TensorView& keys,
+                        const TensorView& counters, const TensorView& out, std::optional<TensorView> workspace,
+                        uintptr_t stream) {
+  tinyserve::SampleArgs args;
+  args.logits = logits;
+  args.temperature = temperature;
+  args.keys = keys;
+  args.counters = counters;
+  args.out = out;
+  if (workspace) args.workspace = *workspace;
+  if (logits.is_cuda()) {
+#ifdef TINYSERVE_WITH_CUDA
+    tinyserve::cuda::sample_from_logits(args, stream);
+#else
+    no_cuda("sample_from_logits");
+#endif
+  } else {
+    tinyserve::cpu::sample_from_logits(args);
+  }
+}
+
+void exponential_noise(const TensorView& keys, const TensorView& counters, const TensorView& out, uintptr_t stream) {
+  const tinyserve::NoiseArgs args{keys, counters, out};
+  if (out.is_cuda()) {
+#ifdef TINYSERVE_WITH_CUDA
+    tinyserve::cuda::exponential_noise(args, stream);
+#else
+    no_cuda("exponential_noise");
+#endif
+  } else {
+    tinyserve::cpu::exponential_noise(args);
+  }
+}
+
 py::dict build_info() {
   py::dict info;
 #ifdef TINYSERVE_WITH_CUDA
@@ -269,4 +306,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("silu_and_mul", &silu_and_mul, py::arg("x"), py::arg("out"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("sample_from_logits", &sample_from_logits, py::arg("logits"), py::arg("temperature"), py::arg("keys"),
+        py::arg("counters"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("exponential_noise", &exponential_noise, py::arg("keys"), py::arg("counters"), py::arg("out"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 }

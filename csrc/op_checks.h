@@ -3,6 +3,8 @@
 // pointer alignment for vector loads) stay in the .cu files.
 #pragma once
 
+#include <climits>
+#include <cstdint>
 #include <string>
 
 #include "ops.h"
@@ -123,6 +125,45 @@ inline void check_skinny_gemm_args(const SkinnyGemmArgs& a) {
         "skinny_gemm: x, weight, out and bias must be contiguous");
   check(w.device == x.device && out.device == x.device && (!has_bias || bias.device == x.device),
         "skinny_gemm: all tensors must be on one device");
+}
+
+// A [num_seqs] per-row parameter of the sampling ops: 1-D (any stride), the given dtype, on `device`.
+inline void check_row_param(const char* op, const char* name, const TensorView& t, int64_t num_seqs, DType dtype,
+                            int32_t device) {
+  check(t.ndim == 1 && t.size(0) == num_seqs,
+        std::string(op) + ": " + name + " must be 1-D [num_seqs=" + std::to_string(num_seqs) + "]");
+  check(t.dtype == dtype, std::string(op) + ": " + name + " must be " + dtype_name(dtype) + ", got " +
+                              dtype_name(t.dtype));
+  check(t.device == device, std::string(op) + ": " + name + " must be on the device of the other tensors");
+}
+
+inline void check_sample_args(const SampleArgs& a) {
+  const TensorView& x = a.logits;
+  check(x.ndim == 2 && x.stride(1) == 1,
+        "sample_from_logits: logits must be 2-D [num_seqs, vocab_size] with a unit last stride");
+  check(x.dtype == DType::kFloat32 || x.dtype == DType::kFloat16 || x.dtype == DType::kBFloat16,
+        std::string("sample_from_logits: unsupported logits dtype ") + dtype_name(x.dtype) +
+            "; supported: float32, float16, bfloat16");
+  check(x.size(1) >= 1 && x.size(1) <= INT32_MAX, "sample_from_logits: vocab_size must be in [1, 2^31)");
+  const int64_t n = x.size(0);
+  check_row_param("sample_from_logits", "temperature", a.temperature, n, DType::kFloat32, x.device);
+  check_row_param("sample_from_logits", "keys", a.keys, n, DType::kInt64, x.device);
+  check_row_param("sample_from_logits", "counters", a.counters, n, DType::kInt64, x.device);
+  check_row_param("sample_from_logits", "out", a.out, n, DType::kInt64, x.device);
+  if (a.workspace.data != nullptr) {
+    check(a.workspace.ndim == 1 && a.workspace.stride(0) == 1 && a.workspace.dtype == DType::kInt64 &&
+              a.workspace.device == x.device,
+          "sample_from_logits: workspace must be a contiguous 1-D int64 tensor on the logits' device");
+  }
+}
+
+inline void check_noise_args(const NoiseArgs& a) {
+  const TensorView& out = a.out;
+  check(out.ndim == 2 && out.stride(1) == 1 && out.dtype == DType::kFloat32,
+        "exponential_noise: out must be 2-D [num_seqs, vocab_size] float32 with a unit last stride");
+  check(out.size(1) <= INT32_MAX, "exponential_noise: vocab_size must be below 2^31");
+  check_row_param("exponential_noise", "keys", a.keys, out.size(0), DType::kInt64, out.device);
+  check_row_param("exponential_noise", "counters", a.counters, out.size(0), DType::kInt64, out.device);
 }
 
 }  // namespace tinyserve

@@ -135,4 +135,38 @@ void silu_and_mul(const SiluAndMulArgs& args, uintptr_t stream);
 }  // namespace cuda
 #endif
 
+// ---- sampling (Python side: tinyserve/ops/sampling.py; the noise contract: csrc/philox.h) ----
+
+// One sampled token per row of logits [num_seqs, vocab_size] (float32, float16 or bfloat16; any row
+// stride, unit last stride), in one pass over the logits:
+//   out[s] = argmax_v (x_v - T * log E_v)  when T = temperature[s] > 0 (the Gumbel-max form of
+//            sampling from softmax(x / T), E_v the exponential noise of row s, csrc/philox.h),
+//   out[s] = argmax_v x_v                   otherwise (greedy).
+// Ties go to the lowest index; -inf logits never win (a row that is all -inf gives 0). Scores are
+// float32. temperature [num_seqs] float32; keys, counters [num_seqs] int64 (the bits of the rows'
+// uint64 key and counter); out [num_seqs] int64; any strides. CUDA only: workspace ([capacity]
+// int64, data may be nullptr) holds per-block partial results when a row is split over several
+// thread blocks; the split count is at most capacity / num_seqs.
+struct SampleArgs {
+  TensorView logits, temperature, keys, counters, out, workspace;
+};
+
+// out[s, v] = E_v of row s (csrc/philox.h), out [num_seqs, vocab_size] float32 with a unit last
+// stride; keys, counters [num_seqs] int64, any stride.
+struct NoiseArgs {
+  TensorView keys, counters, out;
+};
+
+namespace cpu {
+void sample_from_logits(const SampleArgs& args);
+void exponential_noise(const NoiseArgs& args);
+}  // namespace cpu
+
+#ifdef TINYSERVE_WITH_CUDA
+namespace cuda {
+void sample_from_logits(const SampleArgs& args, uintptr_t stream);
+void exponential_noise(const NoiseArgs& args, uintptr_t stream);
+}  // namespace cuda
+#endif
+
 }  // namespace tinyserve

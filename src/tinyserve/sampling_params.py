@@ -12,7 +12,8 @@ from typing import Any
 
 # Temperatures below this are treated as greedy (argmax), as vLLM does.
 GREEDY_TEMPERATURE_EPS = 1e-5
-# torch.Generator.manual_seed accepts seeds in [-2**63, 2**64 - 1].
+# Seeds are wrapped to 64 bits (the sampling noise key, tinyserve.ops.sample_from_logits); the range is
+# the one vLLM (and torch.manual_seed) accepts.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
 
@@ -57,7 +58,8 @@ class SamplingParams:
         presence_penalty: subtracted once from the logit of every token already generated.
         frequency_penalty: subtracted from a token's logit once per time it was generated.
         repetition_penalty: tokens seen in the prompt or output get logit/rp if positive, logit*rp if not.
-        seed: a request with a seed gets the same samples whatever batch it runs in.
+        seed: a request with a seed gets the same samples whatever batch it runs in: sample i of n
+            draws its noise from key seed + i (mod 2**64) and its position, tokens generated so far.
         stop: strings that end generation (detected across token boundaries; cut from the output);
             stored as a list after validation.
         stop_token_ids: token ids that end generation (the token is kept in `token_ids`); stored as a

@@ -1,8 +1,8 @@
 """Async scheduling on CPU: the same workloads with async_scheduling on and off give the same tokens,
 finish reasons, texts and logprobs, and leave every KV block free.
 
-Only greedy and seeded rows are compared: unseeded rows share one random stream whose draws depend
-on the batch, and the two modes batch a little differently (a request that finishes in step n was
+Only greedy and seeded rows are compared: unseeded rows draw with the step's key and their row index,
+which depend on the batch, and the two modes batch a little differently (a request that finishes in step n was
 already scheduled in step n + 1 with async scheduling).
 """
 

@@ -66,6 +66,27 @@ def test_preemption_gives_same_outputs(stories260k_path, stories_llm):
     assert small.engine.stats().kv.num_used_blocks == 0
 
 
+def test_seeded_samples_depend_only_on_seed_and_position(stories260k_path, stories_llm):
+    """Seeded rows (n = 2: keys seed and seed + 1) give the same tokens alone, in a batch, and when
+    preemption recomputes them in a pool with room for about one sequence."""
+    from tinyserve import LLM
+
+    prompts = _random_prompts(6, seed=21, lo=20, hi=40)
+    params = [
+        SamplingParams(n=2, temperature=0.9, top_k=30, seed=100 + i, max_tokens=50, ignore_eos=True)
+        for i in range(6)
+    ]
+    batched = stories_llm.generate(_ids(prompts), params, use_tqdm=False)
+    samples = [[c.token_ids for c in o.outputs] for o in batched]
+    assert all(a != b for a, b in samples), "sample i of n has its own key"
+    alone = stories_llm.generate(_ids(prompts[3:4]), params[3], use_tqdm=False)[0]
+    assert [c.token_ids for c in alone.outputs] == samples[3]
+    small = LLM(str(stories260k_path), device="cpu", dtype="float32", num_kv_blocks=7, max_num_seqs=8)
+    preempted = small.generate(_ids(prompts), params, use_tqdm=False)
+    assert small.engine.stats().num_preemptions > 0
+    assert [[c.token_ids for c in o.outputs] for o in preempted] == samples
+
+
 def test_request_too_large_for_pool_is_rejected(stories260k_path):
     from tinyserve import LLM
 

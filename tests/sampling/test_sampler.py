@@ -13,8 +13,6 @@ from tinyserve.sampling import (
     Sampler,
     SamplerOutput,
     SamplingMetadata,
-    SeededRows,
-    make_generator,
     ops,
 )
 from tinyserve.sampling_params import SamplingParams
@@ -37,18 +35,25 @@ def run(
 
 
 def capture_probs(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
-    """Record the distribution the sampler draws from (ops.draw's weights, in vocabulary order)."""
+    """Record the distribution the sampler draws from (in vocabulary order), on either draw path."""
     seen: list[torch.Tensor] = []
-    original = ops.draw
+    draw, draw_sorted = ops.draw, ops.draw_sorted
 
     def spy(
-        weights: torch.Tensor, seeded: SeededRows | None, order: torch.Tensor | None = None
+        logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, counters: torch.Tensor
     ) -> torch.Tensor:
-        probs = weights if order is None else torch.zeros_like(weights).scatter_(1, order, weights)
-        seen.append(probs / probs.sum(dim=-1, keepdim=True))
-        return original(weights, seeded, order)
+        t = torch.where(temperature > 0, temperature, 1.0)  # greedy rows: unused
+        seen.append((logits.float() / t.unsqueeze(1)).softmax(dim=-1))
+        return draw(logits, temperature, keys, counters)
+
+    def spy_sorted(
+        sorted_logits: torch.Tensor, sorted_ids: torch.Tensor, keys: torch.Tensor, counters: torch.Tensor
+    ) -> torch.Tensor:
+        seen.append(torch.zeros_like(sorted_logits).scatter_(1, sorted_ids, sorted_logits.softmax(dim=-1)))
+        return draw_sorted(sorted_logits, sorted_ids, keys, counters)
 
     monkeypatch.setattr(ops, "draw", spy)
+    monkeypatch.setattr(ops, "draw_sorted", spy_sorted)
     return seen
 
 
@@ -111,9 +116,12 @@ def test_top_k_top_p_min_p_ops_match_reference() -> None:
     sorted_path = ops.apply_top_k_top_p(logits.clone(), top_k, None)
     topk_path = ops.apply_top_k(logits.clone(), top_k, max_top_k=96)
     both = ops.apply_top_k_top_p(logits.clone(), top_k, top_p)
-    minp = ops.apply_min_p(logits.clone(), min_p)
-    weights, order = ops.sorted_probs(logits.clone(), None, top_k, top_p, min_p)
-    sorted_support = torch.zeros_like(weights).scatter_(1, order, weights) > 0
+    ones = torch.ones(13)
+    minp = ops.apply_min_p(logits.clone(), min_p, ones)
+    minp_scaled = ops.apply_min_p(logits * 2.0, min_p, ones * 2.0)  # x / T decides, not x
+    assert torch.equal(torch.isinf(minp), torch.isinf(minp_scaled))
+    masked, order = ops.sorted_masked_logits(logits, None, ones, top_k, top_p, min_p)
+    sorted_support = torch.zeros_like(masked).scatter_(1, order, masked.isfinite().float()) > 0
     for i in range(13):
         row = logits[i].double()
         want_k = reference.top_k(row, ks[i])
@@ -241,11 +249,12 @@ def test_top_k_rows_sample_only_inside_top_k() -> None:
 
 
 def seeded_run(
-    batch: list[tuple[SamplingParams, torch.Tensor, torch.Generator | None]], device: str
+    batch: list[tuple[SamplingParams, torch.Tensor, int | None]], device: str, step: int = 0
 ) -> list[int]:
+    """One step of a batch of (params, logits row, seed): every row has generated `step` tokens."""
     params = [p for p, _, _ in batch]
     logits = torch.stack([row for _, row, _ in batch]).to(device)
-    states = [RequestSamplingState([], [], g) for _, _, g in batch]
+    states = [RequestSamplingState([], [7] * step, seed) for _, _, seed in batch]
     return run(logits, params, states).sampled_token_ids.tolist()
 
 
@@ -257,23 +266,20 @@ def test_seeded_request_is_reproducible_across_batches(device: str) -> None:
     c = SamplingParams(temperature=0.8, top_k=20, seed=99)
     others = [SamplingParams(temperature=1.3), SamplingParams(temperature=0.0), SamplingParams(min_p=0.1)]
 
-    def a_samples(layout: str, steps: int = 8) -> list[int]:
-        g = {"A": make_generator(1234, device), "C": make_generator(99, device)}
+    def a_samples(layout: str, steps: int = 8, seed: int = 1234) -> list[int]:
+        seeds = {"A": seed, "C": 99}
         p = {"A": a, "B": others[0], "C": c, "D": others[1], "E": others[2]}
         got = []
-        for _ in range(steps):
-            batch = [(p[n], rows.get(n, rows["B"]), g.get(n)) for n in layout]
-            got.append(seeded_run(batch, device)[layout.index("A")])
+        for step in range(steps):
+            batch = [(p[n], rows.get(n, rows["B"]), seeds.get(n)) for n in layout]
+            got.append(seeded_run(batch, device, step)[layout.index("A")])
         return got
 
     alone = a_samples("A")
     assert len(set(alone)) > 2, "the test needs a flat distribution"
     for layout in ["BAC", "CDA", "EBDCA", "AE"]:
         assert a_samples(layout) == alone, layout
-    # another seed gives another stream
-    g_other = make_generator(4321, device)
-    other = [seeded_run([(a, rows["A"], g_other)], device)[0] for _ in range(8)]
-    assert other != alone
+    assert a_samples("A", seed=4321) != alone, "another seed gives another stream"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -282,10 +288,46 @@ def test_seeded_row_same_on_sorted_and_unsorted_paths(device: str) -> None:
     row = torch.randn(VOCAB, generator=torch.Generator().manual_seed(15)) * 0.3
     x = SamplingParams(temperature=1.2, top_k=40, min_p=0.01, seed=5)
     nucleus = SamplingParams(top_p=0.7)
-    g_alone, g_mixed = make_generator(5, device), make_generator(5, device)
-    alone = [seeded_run([(x, row, g_alone)], device)[0] for _ in range(10)]
-    mixed = [seeded_run([(nucleus, row, None), (x, row, g_mixed)], device)[1] for _ in range(10)]
+    alone = [seeded_run([(x, row, 5)], device, step)[0] for step in range(10)]
+    mixed = [seeded_run([(nucleus, row, None), (x, row, 5)], device, step)[1] for step in range(10)]
     assert alone == mixed and len(set(alone)) > 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_seeded_row_same_on_the_plain_and_every_other_path(device: str, dtype: torch.dtype) -> None:
+    """A temperature-only row alone is one kernel pass over the model's logits; next to a penalised row
+    it reads a float32 copy, next to a top-k row the masked copy, next to a top-p row the sorted path.
+    Same seed and step, same token on every path."""
+    row = (torch.randn(VOCAB, generator=torch.Generator().manual_seed(16)) * 0.4).to(dtype)
+    x = SamplingParams(temperature=0.9, seed=77)
+    neighbours = [
+        SamplingParams(presence_penalty=1.0),
+        SamplingParams(top_k=5),
+        SamplingParams(top_p=0.5),
+        SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[1]),
+    ]
+    alone = [seeded_run([(x, row, 77)], device, step)[0] for step in range(12)]
+    assert len(set(alone)) > 3
+    for other in neighbours:
+        with_other = [seeded_run([(other, row, None), (x, row, 77)], device, step)[1] for step in range(12)]
+        assert with_other == alone, other
+
+
+def test_plain_path_reads_the_model_logits_without_a_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[torch.Tensor] = []
+    draw = ops.draw
+
+    def spy(logits: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        seen.append(logits)
+        return draw(logits, *rest)
+
+    monkeypatch.setattr(ops, "draw", spy)
+    logits = torch.randn(4, VOCAB).to(torch.bfloat16)
+    run(logits, [SamplingParams(temperature=0.6), SamplingParams(temperature=0.0)] * 2)
+    assert seen[-1] is logits, "no float32 copy, no division, no softmax"
+    run(logits, [SamplingParams(temperature=0.6), SamplingParams(frequency_penalty=0.5)] * 2, eos=(2,))
+    assert seen[-1] is not logits and seen[-1].dtype == torch.float32, "penalties need the copy"
 
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -294,21 +336,34 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("seeded", [False, True])
-def test_temperature_sampling_distribution(seeded: bool) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_temperature_sampling_distribution(seeded: bool, dtype: torch.dtype) -> None:
     torch.manual_seed(8)
     base = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
     num_rows, temperature = 4000, 0.7
-    logits = base.expand(num_rows, -1).contiguous()
-    gens = [make_generator(10_000 + i, "cpu") if seeded else None for i in range(num_rows)]
+    logits = base.expand(num_rows, -1).to(dtype)
     params = [
         SamplingParams(temperature=temperature, seed=10_000 + i if seeded else None) for i in range(num_rows)
     ]
-    states = [RequestSamplingState([], [], g) for g in gens]
+    states = [RequestSamplingState([], [], p.seed) for p in params]
     ids = run(logits, params, states).sampled_token_ids
     counts = torch.bincount(ids, minlength=base.numel()).double()
     probs = (base.double() / temperature).softmax(-1)
     # 6 degrees of freedom: P(chi2 > 35) ~ 4e-6
     assert chi_square(counts, probs) < 35.0, (counts / num_rows, probs)
+
+
+def test_seeded_distribution_over_steps() -> None:
+    """One seeded request over many steps (counter = position) samples softmax(x / T) too (each step
+    as its own row here: the state says how many tokens it has generated)."""
+    base = torch.tensor([1.0, 0.0, 0.7, -1.0, 2.0])
+    p = SamplingParams(temperature=1.3, seed=2**64 - 3)
+    num_steps = 3000
+    logits = base.expand(num_steps, -1)
+    states = [RequestSamplingState([], [0] * step, p.seed) for step in range(num_steps)]
+    ids = run(logits, [p] * num_steps, states).sampled_token_ids
+    counts = torch.bincount(ids, minlength=5).double()
+    assert chi_square(counts, (base.double() / 1.3).softmax(-1)) < 30.0
 
 
 def test_top_p_distribution_is_renormalised() -> None:
@@ -374,7 +429,14 @@ def test_stages_are_skipped_when_no_row_needs_them(monkeypatch: pytest.MonkeyPat
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("stage should have been skipped")
 
-    for name in ["sorted_probs", "apply_top_k", "apply_min_p", "apply_penalties", "draw"]:
+    for name in [
+        "sorted_masked_logits",
+        "apply_top_k",
+        "apply_min_p",
+        "apply_penalties",
+        "draw",
+        "draw_sorted",
+    ]:
         monkeypatch.setattr(ops, name, forbidden)
     logits = torch.randn(4, VOCAB)
     run(logits, [SamplingParams(temperature=0.0)] * 4)
@@ -387,17 +449,51 @@ def test_stages_are_skipped_when_no_row_needs_them(monkeypatch: pytest.MonkeyPat
 def test_metadata_packs_rows() -> None:
     params = [SamplingParams(top_k=5), SamplingParams(temperature=0.0, top_k=50), SamplingParams(top_k=500)]
     states = [
-        RequestSamplingState([1], [2, 2], make_generator(3, "cpu")),
+        RequestSamplingState([1], [2, 2], seed=3),
         RequestSamplingState(),
-        RequestSamplingState(),
+        RequestSamplingState([4], [5]),
     ]
     md = SamplingMetadata.build(params, states, vocab_size=VOCAB, device="cpu")
     assert md.top_k is not None and md.top_k.tolist() == [5, VOCAB, VOCAB]  # greedy / too large = off
     assert md.max_top_k == 5 and md.top_p is None and md.min_p is None
     assert md.is_greedy is not None and md.is_greedy.tolist() == [False, True, False]
-    assert md.seeded is not None and md.seeded.rows.tolist() == [0] and len(md.seeded.generators) == 1
+    assert md.temperature is not None and md.temperature.tolist() == [1.0, 0.0, 1.0]  # greedy: 0
+    assert md.noise_keys is not None and md.noise_counters is not None
+    keys, counters = md.noise_keys.tolist(), md.noise_counters.tolist()
+    assert keys[0] == 3 and counters[0] == 2, "a seeded row: (seed, tokens generated so far)"
+    assert keys[1] == keys[2] and counters[1:] == [1, 2], "unseeded rows: (the step's key, row index)"
     with pytest.raises(ValueError, match="SamplingParams"):
         SamplingMetadata.build(params, states[:2], vocab_size=VOCAB, device="cpu")
+
+
+def test_metadata_noise_keys() -> None:
+    """Unseeded rows draw one step key from torch's default generator (torch.manual_seed makes it
+    reproducible); seeds wrap to 64 bits (int64 bits of the uint64 key); all greedy draws nothing."""
+    params = [SamplingParams(), SamplingParams(seed=1)]
+
+    def build(seeds: list[int | None]) -> SamplingMetadata:
+        states = [RequestSamplingState([], [9] * i, seed) for i, seed in enumerate(seeds)]
+        return SamplingMetadata.build(params, states, vocab_size=VOCAB, device="cpu")
+
+    torch.manual_seed(123)
+    first, second = build([None, 2**64 - 1]), build([None, 2**63])
+    torch.manual_seed(123)
+    again = build([None, 5])
+    assert first.noise_keys is not None and second.noise_keys is not None and again.noise_keys is not None
+    assert first.noise_keys[0] == again.noise_keys[0], "torch.manual_seed fixes the step key"
+    assert first.noise_keys[0] != second.noise_keys[0], "a new key every step"
+    assert first.noise_keys[1] == -1 and second.noise_keys[1] == -(2**63) and again.noise_keys[1] == 5
+    assert first.noise_counters is not None and first.noise_counters.tolist() == [0, 1]
+    state = torch.get_rng_state()
+    greedy = SamplingMetadata.build(
+        [SamplingParams(temperature=0.0)], [RequestSamplingState()], vocab_size=VOCAB, device="cpu"
+    )
+    assert greedy.noise_keys is None and greedy.noise_counters is None
+    seeded_only = SamplingMetadata.build(
+        [SamplingParams(seed=4)], [RequestSamplingState(seed=4)], vocab_size=VOCAB, device="cpu"
+    )
+    assert seeded_only.noise_keys is not None and seeded_only.noise_keys.tolist() == [4]
+    assert torch.equal(torch.get_rng_state(), state), "no draw from the default generator when not needed"
 
 
 def test_bad_logits_shape() -> None:

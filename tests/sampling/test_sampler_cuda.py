@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinyserve.sampling import RequestSamplingState, Sampler, SamplingMetadata, make_generator
+from tinyserve.sampling import RequestSamplingState, Sampler, SamplingMetadata
 from tinyserve.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -24,10 +24,9 @@ def mixed_batch(num_seqs: int) -> tuple[list[SamplingParams], list[RequestSampli
             SamplingParams(temperature=0.7, presence_penalty=0.5, frequency_penalty=0.3, logprobs=2),
             SamplingParams(temperature=1.1, top_k=20, top_p=0.95, seed=1000 + i),
         ][kind]
-        gen = make_generator(p.seed, "cuda") if p.seed is not None else None
         params.append(p)
         states.append(
-            RequestSamplingState(list(range(i, i + 40)), list(range(3 * i, 3 * i + 2 + i % 7)), gen)
+            RequestSamplingState(list(range(i, i + 40)), list(range(3 * i, 3 * i + 2 + i % 7)), p.seed)
         )
     return params, states
 
@@ -77,3 +76,40 @@ def test_benchmark_step_time() -> None:
         print(
             f"{torch.cuda.get_device_name()} 256 x {VOCAB} {name}: {start.elapsed_time(end) / 10:.3f} ms/step"
         )
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"top_k": 50}, {"top_p": 0.9}, {"top_k": 40, "min_p": 0.02, "presence_penalty": 0.5}],
+    ids=["plain", "top-k", "top-p", "top-k-min-p-penalty"],
+)
+def test_seeded_rows_same_tokens_on_cpu_and_cuda(extra: dict) -> None:
+    """Seeded rows draw the same noise on both devices (up to the last bit of a log), so they pick
+    the same tokens, on every sampler path."""
+    num_seqs = 32
+    logits = torch.randn(num_seqs, VOCAB, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    params = [SamplingParams(temperature=0.8, seed=5000 + i, **extra) for i in range(num_seqs)]
+    states = [RequestSamplingState([1, 2], list(range(i % 9)), p.seed) for i, p in enumerate(params)]
+    picked = {}
+    for device in ("cpu", "cuda"):
+        md = SamplingMetadata.build(params, states, vocab_size=VOCAB, device=device)
+        picked[device] = Sampler()(logits.to(device), md).sampled_token_ids.cpu()
+    same = (picked["cpu"] == picked["cuda"]).sum().item()
+    assert same >= num_seqs - 1, f"{num_seqs - same} rows differ (only exact float near-ties may)"
+
+
+def test_metadata_on_cuda_matches_cpu() -> None:
+    """The single packed host->device copy (float columns, then uint64 keys and counters at an 8-byte
+    offset) gives the same per-row tensors as the CPU build."""
+    params, states = mixed_batch(37)
+    built = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)  # the same step key for the unseeded rows
+        built[device] = SamplingMetadata.build(
+            params, states, vocab_size=VOCAB, device=device, eos_token_ids=[2]
+        )
+    names = ["temperature", "is_greedy", "top_k", "top_p", "min_p", "presence_penalty", "noise_keys"]
+    for name in [*names, "noise_counters", "frequency_penalty", "repetition_penalty"]:
+        cpu, cuda = getattr(built["cpu"], name), getattr(built["cuda"], name)
+        assert cpu is not None and cuda is not None and cuda.device.type == "cuda", name
+        assert torch.equal(cpu, cuda.cpu()), name

@@ -29,7 +29,7 @@ from tinyserve.kv_cache import KVCacheManager, KVCacheStats
 from tinyserve.models.loader import load_model
 from tinyserve.request import Request, RequestStatus
 from tinyserve.runner import ForwardOutput, ModelRunner, PendingOutput, PromptLogprobsRequest
-from tinyserve.sampling import RequestSamplingState, SamplingMetadata, make_generator
+from tinyserve.sampling import RequestSamplingState, SamplingMetadata
 from tinyserve.sampling_params import SamplingParams
 from tinyserve.scheduler import Scheduler, SchedulerOutput
 from tinyserve.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
@@ -65,14 +65,14 @@ class _Sample:
     )
 
     def __init__(
-        self, group: _Group, index: int, request: Request, params: SamplingParams, generator
+        self, group: _Group, index: int, request: Request, params: SamplingParams, seed: int | None
     ) -> None:
         self.group = group
         self.index = index
         self.request = request
         self.params = params
         # NOTE: the state shares the request's live output list: the sampler sees every appended token.
-        self.state = RequestSamplingState(request.prompt_token_ids, request.output_token_ids, generator)
+        self.state = RequestSamplingState(request.prompt_token_ids, request.output_token_ids, seed)
         self.detok: IncrementalDetokenizer | None = None
         self.stop: StopChecker | None = None
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
@@ -316,11 +316,12 @@ class Engine:
                 stop_token_ids=stop_ids,
                 cache_extra_keys=cache_key,
             )
-            generator = None
+            seed = None
             if params.seed is not None and not params.is_greedy:
-                # Sample i of n draws from seed + i (wrapped into the generator's 64-bit range).
-                generator = make_generator((params.seed + i) % 2**64, self.device)
-            sample = _Sample(group, i, request, params, generator)
+                # Sample i of n draws with noise key seed + i (wrapped to 64 bits) and, at each step,
+                # counter = the tokens it has generated: the same tokens in any batch or schedule.
+                seed = (params.seed + i) % 2**64
+            sample = _Sample(group, i, request, params, seed)
             if params.stop_list:
                 sample.stop = StopChecker(params.stop_list, params.include_stop_str_in_output)
             # Stop strings are checked here, so they need the text each step; plain streams only

@@ -13,6 +13,7 @@ from .attention import paged_attention_decode, paged_attention_prefill
 from .cache import reshape_and_cache
 from .fused import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 from .matmul import SKINNY_MAX_ROWS, matmul, skinny_linear, skinny_linear_supported
+from .sampling import exponential_noise, sample_from_logits
 
 
 def build_info() -> dict[str, Any]:
@@ -31,6 +32,7 @@ __all__ = [
     "SKINNY_MAX_ROWS",
     "build_info",
     "cuda_kernels_available",
+    "exponential_noise",
     "fused_add_rms_norm",
     "matmul",
     "paged_attention_decode",
@@ -38,6 +40,7 @@ __all__ = [
     "reshape_and_cache",
     "rms_norm",
     "rotary_embedding",
+    "sample_from_logits",
     "silu_and_mul",
     "skinny_linear",
     "skinny_linear_supported",

@@ -3,6 +3,8 @@ benchmarks: clarity over speed, one sequence at a time, gathering K/V through th
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -117,3 +119,62 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     d = x64.shape[-1] // 2
     gate, up = x64[..., :d], x64[..., d:]
     return gate / (1 + torch.exp(-gate)) * up
+
+
+# ---- sampling noise (the contract of ops/sampling.py and csrc/philox.h) ---------------------------
+
+_MASK32 = 0xFFFFFFFF
+
+
+def philox4x32_10(key: tuple[int, int], counter: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """Philox4x32-10 in pure Python: 10 rounds of two 32x32->64-bit products, the key bumped by the Weyl
+    constants between rounds. key: two uint32; counter: four uint32. Returns four uint32."""
+    k0, k1 = key
+    c0, c1, c2, c3 = counter
+    for _ in range(10):
+        p0 = 0xD2511F53 * c0
+        p1 = 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & _MASK32, (p0 >> 32) ^ c3 ^ k1, p0 & _MASK32
+        k0 = (k0 + 0x9E3779B9) & _MASK32
+        k1 = (k1 + 0xBB67AE85) & _MASK32
+    return c0, c1, c2, c3
+
+
+def noise_words_ref(key: int, counter: int, vocab_size: int) -> list[int]:
+    """The Philox word r_v of tokens v = 0 .. vocab_size - 1 of one row (key, counter: uint64 ints)."""
+    key, counter = key % 2**64, counter % 2**64
+    words: list[int] = []
+    for group in range(-(-vocab_size // 4)):
+        ctr = (group, 0, counter & _MASK32, counter >> 32)
+        words.extend(philox4x32_10((key & _MASK32, key >> 32), ctr))
+    return words[:vocab_size]
+
+
+def uniform_from_word(r: int) -> float:
+    """U = ((r >> 8) + 0.5) * 2**-24: exact in float64, in (0, 1)."""
+    return ((r >> 8) + 0.5) * 2.0**-24
+
+
+def exponential_noise_ref(keys: list[int], counters: list[int], vocab_size: int) -> torch.Tensor:
+    """[num_rows, vocab_size] float32: E_v = -log(U_v) computed in float64 and rounded once to float32
+    (the CPU kernel's values, bit for bit)."""
+    rows = [
+        [-math.log(uniform_from_word(r)) for r in noise_words_ref(k, c, vocab_size)]
+        for k, c in zip(keys, counters, strict=True)
+    ]
+    return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), vocab_size).to(torch.float32)
+
+
+def gumbel_scores_ref(
+    logits: torch.Tensor, temperatures: list[float], keys: list[int], counters: list[int]
+) -> torch.Tensor:
+    """[num_rows, vocab_size] float64 scores of sample_from_logits: x_v / T - log(E_v) with E_v = -log(U_v)
+    in float64 (no float32 rounding of the noise); rows with T <= 0 score x_v (greedy)."""
+    x = logits.detach().cpu().double()
+    vocab_size = x.shape[1]
+    out = x.clone()
+    for s, (t, k, c) in enumerate(zip(temperatures, keys, counters, strict=True)):
+        if t > 0:
+            log_e = [math.log(-math.log(uniform_from_word(r))) for r in noise_words_ref(k, c, vocab_size)]
+            out[s] = x[s] / t - torch.tensor(log_e, dtype=torch.float64)
+    return out

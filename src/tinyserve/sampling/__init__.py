@@ -4,7 +4,7 @@ Use: `md = SamplingMetadata.build(params, states, vocab_size=..., device=...)` o
 `out = Sampler()(logits, md)` and one `out.to_host()`.
 """
 
-from tinyserve.sampling.metadata import RequestSamplingState, SamplingMetadata, SeededRows, make_generator
+from tinyserve.sampling.metadata import RequestSamplingState, SamplingMetadata
 from tinyserve.sampling.ops import gather_logprobs
 from tinyserve.sampling.output import LogprobsLists, LogprobsTensors, SamplerHostOutput, SamplerOutput
 from tinyserve.sampling.sampler import Sampler
@@ -17,7 +17,5 @@ __all__ = [
     "SamplerHostOutput",
     "SamplerOutput",
     "SamplingMetadata",
-    "SeededRows",
     "gather_logprobs",
-    "make_generator",
 ]

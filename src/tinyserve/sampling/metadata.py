@@ -17,36 +17,22 @@ import torch
 from tinyserve.sampling_params import SamplingParams
 
 
-def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    """A torch.Generator on `device` seeded with `seed`; keep one per seeded request for its lifetime."""
-    generator = torch.Generator(device=torch.device(device))
-    generator.manual_seed(seed)
-    return generator
-
-
 @dataclass
 class RequestSamplingState:
     """What the sampler needs to know about one row's request besides its SamplingParams.
 
     prompt_token_ids: the prompt (used only by the repetition penalty).
-    output_token_ids: the tokens generated so far; their count is the step index (min_tokens) and their
-        counts feed the presence/frequency penalties.
-    generator: the request's own generator when it has a seed (see `make_generator`); it advances one
-        draw per step, so its samples do not depend on the other rows of the batch.
+    output_token_ids: the tokens generated so far; their count is the step index (min_tokens, and the
+        noise counter of a seeded row) and their counts feed the presence/frequency penalties.
+    seed: the noise key of a row whose request has a seed: (SamplingParams.seed + sample index) mod
+        2**64 (the engine computes it). Such a row draws with counter = len(output_token_ids), so its
+        samples depend only on (seed, position): not on the batch, the code path, async scheduling or
+        preemption. None: the row draws with the step's shared key and its row index as the counter.
     """
 
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
-    generator: torch.Generator | None = None
-
-
-@dataclass
-class SeededRows:
-    """The random rows that have their own generator. rows: [num_seeded] int64 on the logits' device;
-    generators: one per row, in the same order."""
-
-    rows: torch.Tensor
-    generators: list[torch.Generator]
+    seed: int | None = None
 
 
 @dataclass
@@ -60,7 +46,7 @@ class SamplingMetadata:
     vocab_size: int
     all_greedy: bool
     all_random: bool
-    temperature: torch.Tensor | None  # [num_seqs] float32; greedy rows hold 1.0. None when all greedy
+    temperature: torch.Tensor | None  # [num_seqs] float32; greedy rows hold 0.0. None when all greedy
     is_greedy: torch.Tensor | None  # [num_seqs] bool. None when all rows are greedy or all random
     top_k: torch.Tensor | None  # [num_seqs] int64 in [1, vocab_size]; vocab_size = off. None if unused
     max_top_k: int  # the largest top_k below vocab_size (0 when no row uses top-k)
@@ -75,7 +61,10 @@ class SamplingMetadata:
     prompt_ids: torch.Tensor | None  # [num_prompt_tokens] int64
     min_tokens_rows: torch.Tensor | None  # [num_masked] int64: (row, token) pairs masked for min_tokens
     min_tokens_ids: torch.Tensor | None  # [num_masked] int64
-    seeded: SeededRows | None = None  # random rows with their own generator; None if there are none
+    # The rows' sampling noise (tinyserve.ops.sample_from_logits): Philox key and counter, the bits of
+    # uint64 values. None (both) when all rows are greedy.
+    noise_keys: torch.Tensor | None = None  # [num_seqs] int64
+    noise_counters: torch.Tensor | None = None  # [num_seqs] int64
     max_num_logprobs: int | None = None  # largest `logprobs` asked for; None = no row wants logprobs
 
     @property
@@ -107,13 +96,16 @@ class SamplingMetadata:
         use_penalties = any(p.has_penalties for p in params)
 
         # Every per-row number the step needs travels in ONE host->device copy, one row per column.
-        # Greedy rows get neutral values (temperature 1, top-k/p/min-p off). top_k and is_greedy ride as
-        # floats (exact: vocab sizes are far below 2**24) and are converted on the device.
+        # Greedy rows get neutral values (temperature 0 = argmax, top-k/p/min-p off). top_k and
+        # is_greedy ride as floats (exact: vocab sizes are far below 2**24) and are converted on the
+        # device; the noise keys and counters ride as uint64 behind the floats.
         columns: dict[str, list[float]] = {}
+        noise: list[array] = []
         if not all_greedy:
             columns["temperature"] = [
-                1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)
+                0.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)
             ]
+            noise = _noise_rows(states)
         if use_top_k:
             columns["top_k"] = [
                 vocab_size if g or p.top_k <= 0 else min(p.top_k, vocab_size)
@@ -129,10 +121,9 @@ class SamplingMetadata:
             columns["presence"] = [p.presence_penalty for p in params]
             columns["frequency"] = [p.frequency_penalty for p in params]
             columns["repetition"] = [p.repetition_penalty for p in params]
-        col: dict[str, torch.Tensor] = {}
-        if columns:  # all greedy without penalties: nothing to copy at all
-            packed = _pack_columns(list(columns.values()), num_seqs, device)  # [num_columns, num_seqs]
-            col = {name: packed[i] for i, name in enumerate(columns)}
+        # (No columns at all, all greedy without penalties: nothing is copied.)
+        floats, ints = _pack(list(columns.values()), noise, num_seqs, device)
+        col = {name: floats[i] for i, name in enumerate(columns)} if floats is not None else {}
 
         output_rows = output_ids = prompt_rows = prompt_ids = None
         if use_penalties:
@@ -161,22 +152,35 @@ class SamplingMetadata:
             prompt_ids=prompt_ids,
             min_tokens_rows=min_rows,
             min_tokens_ids=min_ids,
-            seeded=_seeded_rows(states, greedy, device),
+            noise_keys=ints[0] if ints is not None else None,
+            noise_counters=ints[1] if ints is not None else None,
             max_num_logprobs=max(logprob_counts) if logprob_counts else None,
         )
 
 
-def _seeded_rows(
-    states: Sequence[RequestSamplingState], greedy: list[bool], device: torch.device
-) -> SeededRows | None:
-    rows = [
-        i for i, (s, g) in enumerate(zip(states, greedy, strict=True)) if s.generator is not None and not g
-    ]
-    if not rows:
-        return None
-    generators = [states[i].generator for i in rows]
-    row_tensor = _to_device(_host_tensor(array("q", rows), torch.int64), device)
-    return SeededRows(row_tensor, [g for g in generators if g is not None])
+def _step_key() -> int:
+    """One uint64 noise key for the step's unseeded rows, from torch's default CPU generator (so
+    torch.manual_seed, which the engine calls with EngineConfig.seed, makes runs reproducible)."""
+    lo, hi = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()
+    return hi << 32 | lo
+
+
+def _noise_rows(states: Sequence[RequestSamplingState]) -> list[array]:
+    """[keys, counters] of the step's rows as uint64 arrays. A seeded row: (its seed, tokens generated
+    so far); any other row: (the step's key, its row index), so rows of one step draw distinct streams.
+    Greedy rows get values too (sample_from_logits ignores them)."""
+    num_seqs = len(states)
+    counters = array("Q", range(num_seqs))
+    seeds = [s.seed for s in states]
+    num_unseeded = seeds.count(None)
+    if num_unseeded == num_seqs:  # the common case: no per-element work
+        return [array("Q", [_step_key()]) * num_seqs, counters]
+    step_key = _step_key() if num_unseeded else 0
+    keys = array("Q", [step_key if seed is None else seed % 2**64 for seed in seeds])
+    for row, (state, seed) in enumerate(zip(states, seeds, strict=True)):
+        if seed is not None:
+            counters[row] = len(state.output_token_ids)
+    return [keys, counters]
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -196,10 +200,34 @@ def _host_tensor(values: array, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(values, dtype=dtype)
 
 
-def _pack_columns(columns: list[list[float]], num_seqs: int, device: torch.device) -> torch.Tensor:
-    """Per-row value lists -> one [num_columns, num_seqs] float32 tensor on `device`."""
-    flat = array("f", chain.from_iterable(columns))
-    return _to_device(_host_tensor(flat, torch.float32).view(len(columns), num_seqs), device)
+def _pack(
+    float_columns: list[list[float]], uint64_columns: list[array], num_seqs: int, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-row value lists -> ([num_float_columns, num_seqs] float32, [num_uint64_columns, num_seqs]
+    int64 holding the uint64 bits) on `device`, in one host->device copy; None for no columns."""
+    floats = array("f", chain.from_iterable(float_columns))
+    ints = array("Q")
+    for column in uint64_columns:
+        ints.extend(column)
+    if device.type == "cpu":  # no copy at all: the tensors view the arrays
+        return (
+            _host_tensor(floats, torch.float32).view(len(float_columns), num_seqs) if floats else None,
+            _host_tensor(ints, torch.int64).view(len(uint64_columns), num_seqs) if ints else None,
+        )
+    # One byte buffer: the floats, then the uint64s at the next multiple of 8 bytes, viewed back on the
+    # device (a view's byte offset must be a multiple of its element size).
+    if not floats and not ints:
+        return None, None
+    float_bytes = len(floats) * 4
+    offset = -(-float_bytes // 8) * 8
+    buf = bytearray(offset + len(ints) * 8)
+    buf[:float_bytes] = floats.tobytes()
+    buf[offset:] = ints.tobytes()
+    packed = _to_device(torch.frombuffer(buf, dtype=torch.uint8), device)
+    return (
+        packed[:float_bytes].view(torch.float32).view(len(float_columns), num_seqs) if floats else None,
+        packed[offset:].view(torch.int64).view(len(uint64_columns), num_seqs) if ints else None,
+    )
 
 
 def _flatten_rows(rows: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

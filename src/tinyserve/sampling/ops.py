@@ -1,14 +1,16 @@
 """The sampler's stages as plain tensor functions, each vectorised over the batch and free of host syncs.
 
-Every function takes float32 logits [num_seqs, vocab_size] and returns new or in-place-updated logits;
-per-row parameters are [num_seqs] tensors on the same device. Masked tokens get -inf.
+The masking functions take float32 logits [num_seqs, vocab_size] and return new or in-place-updated
+logits; per-row parameters are [num_seqs] tensors on the same device. Masked tokens get -inf. The
+draws use the counter-based noise of tinyserve.ops (the contract is in tinyserve/ops/sampling.py):
+each row's key and counter fix its sample, whichever path and batch it is sampled in.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tinyserve.sampling.metadata import SeededRows
+from tinyserve import ops as kernels
 from tinyserve.sampling.output import LogprobsTensors
 
 _NEG_INF = float("-inf")
@@ -74,37 +76,40 @@ def apply_top_k_top_p(
 ) -> torch.Tensor:
     """`mask_sorted_top_k_top_p` for logits in vocabulary order (sort, mask, scatter back), in place.
 
-    logits: [num_seqs, vocab_size]. The sampler itself stays in sorted order (see sorted_probs).
+    logits: [num_seqs, vocab_size]. The sampler itself stays in sorted order (see sorted_masked_logits).
     """
     sorted_logits, sorted_ids = logits.sort(dim=-1)
     return logits.scatter_(1, sorted_ids, mask_sorted_top_k_top_p(sorted_logits, top_k, top_p))
 
 
-def sorted_probs(
+def sorted_masked_logits(
     logits: torch.Tensor,
     sort_key: torch.Tensor | None,
+    temperature: torch.Tensor,
     top_k: torch.Tensor | None,
     top_p: torch.Tensor | None,
     min_p: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k, top-p and min-p with one sort, staying in sorted order (no scatter back).
+    """Temperature, top-k, top-p and min-p with one sort, staying in sorted order (no scatter back).
 
-    logits: [num_seqs, vocab_size] float32 (already divided by the temperature); sort_key: a tensor with
-    the same order as logits but cheaper to sort (the bf16 model logits when nothing reordered them),
-    or None. Returns (weights, sorted_ids), both [num_seqs, vocab_size]: sorted_ids[i, j] is the token at
-    position j (ascending), weights the unnormalised probabilities there (0 = masked).
+    logits: [num_seqs, vocab_size], any float dtype, not modified; sort_key: a tensor with the same order
+    as logits but cheaper to sort (the bf16 model logits when nothing reordered them), or None;
+    temperature: [num_seqs] float32 > 0 (the divisor). Returns (sorted_logits, sorted_ids), both
+    [num_seqs, vocab_size]: sorted_ids[i, j] is the token at position j (ascending), sorted_logits the
+    float32 logits / T there, masked tokens at -inf. Min-p compares in log space:
+    p_v < min_p * p_max  <=>  x_v / T < x_max / T + log(min_p).
     """
     if sort_key is None:
         sorted_logits, sorted_ids = logits.sort(dim=-1)
     else:
         sorted_ids = sort_key.argsort(dim=-1)
         sorted_logits = logits.gather(1, sorted_ids)
+    sorted_logits = sorted_logits.float().div_(temperature.unsqueeze(1))  # a new tensor: sort/gather copied
     mask_sorted_top_k_top_p(sorted_logits, top_k, top_p)
-    probs = sorted_logits.softmax(dim=-1)
     if min_p is not None:
-        threshold = probs[:, -1:] * min_p.unsqueeze(1)  # the most likely token is last
-        probs.masked_fill_(probs < threshold, 0.0)
-    return probs, sorted_ids
+        threshold = sorted_logits[:, -1:] + min_p.log().unsqueeze(1)  # the most likely token is last
+        sorted_logits.masked_fill_(sorted_logits < threshold, _NEG_INF)
+    return sorted_logits, sorted_ids
 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
@@ -120,39 +125,45 @@ def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> to
     return logits.masked_fill_(logits < kth, _NEG_INF)
 
 
-def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Mask tokens whose probability is below min_p * (the row's top probability), in place.
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability under softmax(logits / T) is below min_p * (the row's top
+    probability), in place, in log space: x_v < x_max + T * log(min_p).
 
-    logits: [num_seqs, vocab_size]; min_p: [num_seqs] in [0, 1] (0 = off).
+    logits: [num_seqs, vocab_size] (not divided by the temperature); min_p: [num_seqs] in [0, 1]
+    (0 = off); temperature: [num_seqs] (>= 0; rows with min_p = 0 are never masked, whatever T).
     """
-    probs = logits.softmax(dim=-1)
-    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)  # [num_seqs, 1]
-    return logits.masked_fill_(probs < threshold, _NEG_INF)
+    x_max = logits.amax(dim=-1, keepdim=True)  # [num_seqs, 1]
+    log_min_p = min_p.log().unsqueeze(1)
+    threshold = torch.where(log_min_p > _NEG_INF, x_max + temperature.unsqueeze(1) * log_min_p, _NEG_INF)
+    return logits.masked_fill_(logits < threshold, _NEG_INF)
 
 
-def draw(weights: torch.Tensor, seeded: SeededRows | None, order: torch.Tensor | None = None) -> torch.Tensor:
-    """One sample per row by the exponential race: argmax(w / q) with q ~ Exp(1) picks i with probability
-    w_i / sum(w), so weights need not be normalised.
+def draw(
+    logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, counters: torch.Tensor
+) -> torch.Tensor:
+    """One token per row from softmax(logits / T), or the argmax where T = 0, in one pass over the
+    logits (tinyserve.ops.sample_from_logits: Gumbel-max with each row's noise).
 
-    weights: [num_seqs, vocab_size], in vocabulary order or, when `order` [num_seqs, vocab_size] is given,
-    in that order (order[i, j] = the token at position j). Returns the winning positions, [num_seqs] int64.
-    Seeded rows draw their noise from their own generator, always in vocabulary order (then permuted), so
-    a seeded row gets the same token in any batch and on any path; the other rows share one draw.
+    logits: [num_seqs, vocab_size] float32/bf16/fp16, not modified; temperature: [num_seqs] float32;
+    keys, counters: [num_seqs] int64. Returns [num_seqs] int64 token ids.
     """
-    q = torch.empty_like(weights)
-    num_seeded = 0 if seeded is None else len(seeded.generators)
-    if num_seeded < weights.shape[0]:
-        q.exponential_()
-    if seeded is not None:
-        # One launch per seeded row (its own generator), then one batched permute and copy.
-        noise = weights.new_empty(num_seeded, weights.shape[1])  # [num_seeded, vocab_size]
-        for i, generator in enumerate(seeded.generators):
-            noise[i].exponential_(generator=generator)
-        if order is not None:
-            noise = noise.gather(1, order.index_select(0, seeded.rows))
-        q.index_copy_(0, seeded.rows, noise)
-    # exponential_ may return exactly 0 on some backends; a tiny floor keeps w / q finite.
-    return weights.div(q.clamp_min_(1e-30)).argmax(dim=-1)
+    return kernels.sample_from_logits(logits, temperature, keys, counters)
+
+
+def draw_sorted(
+    sorted_logits: torch.Tensor, sorted_ids: torch.Tensor, keys: torch.Tensor, counters: torch.Tensor
+) -> torch.Tensor:
+    """`draw` at temperature 1 for logits kept in sorted order: argmax_j (sorted_logits[j] - log E[token j])
+    with the noise E drawn in vocabulary order and then permuted, so a row gets the same token here as
+    from `draw` on the unsorted logits (up to float rounding in near-ties).
+
+    sorted_logits: [num_seqs, vocab_size] float32 (already divided by the temperature; overwritten);
+    sorted_ids: [num_seqs, vocab_size] int64, the token at each position. Returns [num_seqs] int64 ids.
+    """
+    log_noise = kernels.exponential_noise(keys, counters, sorted_logits.shape[1]).log_()  # vocab order
+    scores = sorted_logits.sub_(log_noise.gather(1, sorted_ids))
+    positions = scores.argmax(dim=-1, keepdim=True)  # [num_seqs, 1]
+    return sorted_ids.gather(1, positions).squeeze(1)
 
 
 def gather_logprobs(logprobs: torch.Tensor, num_logprobs: int, token_ids: torch.Tensor) -> LogprobsTensors:
