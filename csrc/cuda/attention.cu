@@ -31,6 +31,8 @@ constexpr int kMaxHeadDim = 256;
 // One warp per (token, head) row: out = sum_s w_s o_s / sum_s w_s l_s, w_s = 2^(m_s - max m) l_s.
 template <typename T>
 __global__ void __launch_bounds__(attn::kThreads) merge_splits_kernel(const Params p) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (attn::kThreads / 32) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= static_cast<int64_t>(p.num_tokens) * p.num_heads) return;
@@ -242,11 +244,12 @@ Params make_params(const PagedAttentionArgs& a) {
 }
 
 template <typename T>
-void launch_merge(const Params& p, cudaStream_t stream) {
+void launch_merge(Params p, int device, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.num_tokens) * p.num_heads;
   const unsigned blocks = static_cast<unsigned>((rows + attn::kThreads / 32 - 1) / (attn::kThreads / 32));
-  merge_splits_kernel<T><<<blocks, attn::kThreads, 0, stream>>>(p);
-  check_launch("paged_attention: merge_splits_kernel");
+  void* args[] = {&p};
+  launch_kernel(reinterpret_cast<const void*>(&merge_splits_kernel<T>), dim3(blocks), dim3(attn::kThreads), 0, stream,
+                args, device, "paged_attention: merge_splits_kernel launch");
 }
 
 }  // namespace
@@ -312,13 +315,13 @@ void paged_attention(const PagedAttentionArgs& a, uintptr_t stream_handle) {
   check(tiles * p.num_kv_heads < INT32_MAX, "paged_attention (CUDA): too many query rows for one launch");
   dim3 grid(static_cast<unsigned>(tiles * p.num_kv_heads), static_cast<unsigned>(splits));
   void* args[] = {&p};
-  check_cuda(cudaLaunchKernel(k.func, grid, dim3(attn::kThreads), args, static_cast<size_t>(k.smem_bytes), stream),
-             "paged_attention: kernel launch");
+  launch_kernel(k.func, grid, dim3(attn::kThreads), static_cast<size_t>(k.smem_bytes), stream, args, device,
+                "paged_attention: kernel launch");
   if (splits > 1) {
     switch (dtype) {
-      case DType::kFloat32: launch_merge<float>(p, stream); break;
-      case DType::kFloat16: launch_merge<__half>(p, stream); break;
-      default: launch_merge<__nv_bfloat16>(p, stream); break;
+      case DType::kFloat32: launch_merge<float>(p, device, stream); break;
+      case DType::kFloat16: launch_merge<__half>(p, device, stream); break;
+      default: launch_merge<__nv_bfloat16>(p, device, stream); break;
     }
   }
 }

@@ -91,6 +91,8 @@ __global__ void __launch_bounds__(kThreads) mma_attention_kernel(const Params p)
   __trap();  // the dispatcher only picks this kernel on sm_80+
 #else
   using C = Cfg<D, DECODE, MT>;
+  pdl_wait();
+  pdl_launch_dependents();
   Work w;
   if (!map_work(p, C::kRows, w)) return;
   extern __shared__ __align__(16) unsigned char smem_raw[];

@@ -21,6 +21,8 @@ __host__ __device__ constexpr int simt_smem_floats(int d) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) simt_attention_kernel(const Params p) {
+  pdl_wait();
+  pdl_launch_dependents();
   Work w;
   if (!map_work(p, kRows, w)) return;
   extern __shared__ float smem[];

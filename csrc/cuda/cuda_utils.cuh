@@ -40,4 +40,42 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// ---- programmatic dependent launch (PDL, sm_90+) ------------------------------------------------
+//
+// A kernel launched with PDL may start while the kernel before it in the stream is still running:
+// its blocks become resident as soon as every block of that kernel has called
+// griddepcontrol.launch_dependents (or exited). Decode steps are chains of short kernels, so this
+// hides each launch and lets a GEMV pull its weight into L2 while its predecessor finishes.
+//
+// The rules every kernel launched through launch_kernel follows:
+//  - pdl_wait() before reading anything an earlier kernel wrote and before writing any global
+//    memory; before any early return too, so that a kernel's completion implies its predecessor's
+//    (a later kernel only waits for the one right before it). Only reads of data no kernel of the
+//    step writes (weights) may come before it.
+//  - pdl_launch_dependents() once the kernel's own waiting is done (right after pdl_wait()).
+// Both are no-ops when a kernel is launched without PDL or built for an older architecture.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Whether kernels are launched with PDL: -1 follows the environment (TINYSERVE_PDL=0 turns it
+// off), 0 off, 1 on where the device supports it. Set through set_programmatic_launch().
+int& pdl_mode();
+
+// PDL for launches on `device` now: the mode allows it and the device is sm_90+.
+bool pdl_enabled(int device);
+
+// cudaLaunchKernelExC with PDL when pdl_enabled(device), plus `extra` attributes (e.g. a cluster
+// shape). `args` as for cudaLaunchKernel.
+void launch_kernel(const void* func, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, void** args,
+                   int device, const char* what, const cudaLaunchAttribute* extra = nullptr, int num_extra = 0);
+
 }  // namespace tinyserve::cuda

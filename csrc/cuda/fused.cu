@@ -114,6 +114,8 @@ struct NormParams {
 // alias x and residual is read back only by the thread that wrote it.
 template <typename T, int N, bool kAdd>
 __global__ void rms_norm_kernel(const NormParams p) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int64_t row = blockIdx.x;
   const int64_t outer = row / p.inner, inner = row - outer * p.inner;
   const T* x = static_cast<const T*>(p.x) + outer * p.x_s0 + inner * p.x_s1;
@@ -190,6 +192,8 @@ __device__ __forceinline__ T* cache_row(const RopeParams& p, void* cache, int64_
 // as it is, as reshape_and_cache after the rotation would have it.
 template <typename T, int N, bool kNorm>
 __global__ void rotary_kernel(const RopeParams p) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int g = p.group;
   const int lane = threadIdx.x & (g - 1);
   const int head = blockIdx.y * (blockDim.x / g) + threadIdx.x / g;
@@ -299,6 +303,8 @@ constexpr int kSiluThreads = 128;
 template <typename T, int N>
 __global__ void __launch_bounds__(kSiluThreads)
     silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t x_s0, int64_t out_s0, int d) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int u = blockIdx.y * blockDim.x + threadIdx.x;
   if (u >= d / N) return;
   const T* gate = x + blockIdx.x * x_s0 + u * N;
@@ -354,13 +360,11 @@ void rms_norm(const RmsNormArgs& a, uintptr_t stream_handle) {
   dispatch(a.x.dtype, vec, "rms_norm", [&](auto zero, auto width) {
     using T = decltype(zero);
     constexpr int N = decltype(width)::value;
-    if (add) {
-      rms_norm_kernel<T, N, true><<<grid, threads, 0, stream>>>(p);
-    } else {
-      rms_norm_kernel<T, N, false><<<grid, threads, 0, stream>>>(p);
-    }
+    const void* kernel = add ? reinterpret_cast<const void*>(&rms_norm_kernel<T, N, true>)
+                             : reinterpret_cast<const void*>(&rms_norm_kernel<T, N, false>);
+    void* args[] = {&p};
+    launch_kernel(kernel, dim3(grid), dim3(threads), 0, stream, args, a.x.device, "rms_norm_kernel launch");
   });
-  check_launch("rms_norm_kernel");
 }
 
 void rotary_embedding(const RotaryArgs& a, uintptr_t stream_handle) {
@@ -436,13 +440,11 @@ void rotary_embedding(const RotaryArgs& a, uintptr_t stream_handle) {
   dispatch(q.dtype, vec, "rotary_embedding", [&](auto zero, auto width) {
     using T = decltype(zero);
     constexpr int N = decltype(width)::value;
-    if (norm) {
-      rotary_kernel<T, N, true><<<grid, threads, 0, stream>>>(p);
-    } else {
-      rotary_kernel<T, N, false><<<grid, threads, 0, stream>>>(p);
-    }
+    const void* kernel = norm ? reinterpret_cast<const void*>(&rotary_kernel<T, N, true>)
+                              : reinterpret_cast<const void*>(&rotary_kernel<T, N, false>);
+    void* args[] = {&p};
+    launch_kernel(kernel, grid, dim3(threads), 0, stream, args, q.device, "rotary_kernel launch");
   });
-  check_launch("rotary_kernel");
 }
 
 void silu_and_mul(const SiluAndMulArgs& a, uintptr_t stream_handle) {
@@ -462,10 +464,14 @@ void silu_and_mul(const SiluAndMulArgs& a, uintptr_t stream_handle) {
   dispatch(a.x.dtype, vec, "silu_and_mul", [&](auto zero, auto width) {
     using T = decltype(zero);
     constexpr int N = decltype(width)::value;
-    silu_and_mul_kernel<T, N><<<grid, kSiluThreads, 0, stream>>>(a.x.ptr<const T>(), a.out.ptr<T>(), a.x.stride(0),
-                                                                 a.out.stride(0), static_cast<int>(d));
+    const T* x = a.x.ptr<const T>();
+    T* out = a.out.ptr<T>();
+    int64_t x_s0 = a.x.stride(0), out_s0 = a.out.stride(0);
+    int dd = static_cast<int>(d);
+    void* args[] = {&x, &out, &x_s0, &out_s0, &dd};
+    launch_kernel(reinterpret_cast<const void*>(&silu_and_mul_kernel<T, N>), grid, dim3(kSiluThreads), 0, stream,
+                  args, a.x.device, "silu_and_mul_kernel launch");
   });
-  check_launch("silu_and_mul_kernel");
 }
 
 }  // namespace tinyserve::cuda
