@@ -71,12 +71,18 @@ void matmul(const TensorView& a, const TensorView& b, const TensorView& c, uintp
 
 // bias: None for no bias.
 void skinny_gemm(const TensorView& x, const TensorView& weight, std::optional<TensorView> bias, const TensorView& out,
-                 uintptr_t stream) {
+                 uintptr_t stream, std::optional<TensorView> norm_weight, float eps, bool silu,
+                 std::optional<TensorView> residual, int unroll) {
   tinyserve::SkinnyGemmArgs args;
   args.x = x;
   args.weight = weight;
   if (bias) args.bias = *bias;
   args.out = out;
+  if (norm_weight) args.norm_weight = *norm_weight;
+  if (residual) args.residual = *residual;
+  args.eps = eps;
+  args.silu = silu;
+  args.unroll = unroll;
   if (out.is_cuda()) {
 #ifdef TINYSERVE_WITH_CUDA
     tinyserve::cuda::skinny_gemm(args, stream);
@@ -287,7 +293,30 @@ PYBIND11_MODULE(_C, m) {
   m.def("matmul", &matmul, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
   m.def("skinny_gemm", &skinny_gemm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"),
-        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+        py::arg("stream"), py::arg("norm_weight") = py::none(), py::arg("eps") = 0.f, py::arg("silu") = false,
+        py::arg("residual") = py::none(), py::arg("unroll") = 2, py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "set_programmatic_launch",
+      [](int mode) {
+#ifdef TINYSERVE_WITH_CUDA
+        tinyserve::cuda::set_programmatic_launch(mode);
+#else
+        (void)mode;
+#endif
+      },
+      py::arg("mode"),
+      "Programmatic dependent launch of TinyServe's CUDA kernels: -1 follows TINYSERVE_PDL, 0 off, 1 on (sm_90+).");
+  m.def(
+      "programmatic_launch_enabled",
+      [](int device) {
+#ifdef TINYSERVE_WITH_CUDA
+        return tinyserve::cuda::programmatic_launch_enabled(device);
+#else
+        (void)device;
+        return false;
+#endif
+      },
+      py::arg("device"), "Whether TinyServe's kernels launch with PDL on this CUDA device now.");
   m.attr("skinny_max_rows") = tinyserve::kSkinnyMaxRows;
   m.def("reshape_and_cache", &reshape_and_cache, py::arg("key"), py::arg("value"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("slot_mapping"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());

@@ -117,14 +117,29 @@ inline void check_skinny_gemm_args(const SkinnyGemmArgs& a) {
   check(x.size(0) <= kSkinnyMaxRows,
         "skinny_gemm: x has " + std::to_string(x.size(0)) + " rows; at most " + std::to_string(kSkinnyMaxRows) +
             " are supported");
-  check(w.size(1) == x.size(1), "skinny_gemm: x [m, k] and weight [n, k] must share k");
-  check(x.size(1) % 8 == 0, "skinny_gemm: k = " + std::to_string(x.size(1)) + " is not a multiple of 8");
+  const int64_t k = w.size(1);
+  check(x.size(1) == (a.silu ? 2 * k : k),
+        a.silu ? "skinny_gemm: with silu, x must be [m, 2k] ([gate | up]) for weight [n, k]"
+               : "skinny_gemm: x [m, k] and weight [n, k] must share k");
+  check(k % 8 == 0, "skinny_gemm: k = " + std::to_string(k) + " is not a multiple of 8");
   check(out.size(0) == x.size(0) && out.size(1) == w.size(0), "skinny_gemm: out must be [m, n]");
   check(!has_bias || bias.size(0) == w.size(0), "skinny_gemm: bias must be [n]");
   check(x.is_contiguous() && w.is_contiguous() && out.is_contiguous() && (!has_bias || bias.is_contiguous()),
         "skinny_gemm: x, weight, out and bias must be contiguous");
   check(w.device == x.device && out.device == x.device && (!has_bias || bias.device == x.device),
         "skinny_gemm: all tensors must be on one device");
+  check(a.unroll == 2 || a.unroll == 4, "skinny_gemm: unroll must be 2 or 4, got " + std::to_string(a.unroll));
+  const TensorView &g = a.norm_weight, &r = a.residual;
+  if (g.data != nullptr) {
+    check(!a.silu, "skinny_gemm: norm_weight and silu cannot be combined");
+    check(g.ndim == 1 && g.size(0) == k && g.dtype == x.dtype && g.device == x.device && g.is_contiguous(),
+          "skinny_gemm: norm_weight must be a contiguous [k] tensor of x's dtype on x's device");
+  }
+  if (r.data != nullptr) {
+    check(r.ndim == 2 && r.size(0) == out.size(0) && r.size(1) == out.size(1) && r.dtype == x.dtype &&
+              r.device == x.device && r.is_contiguous(),
+          "skinny_gemm: residual must be a contiguous [m, n] tensor of x's dtype on x's device");
+  }
 }
 
 // A [num_seqs] per-row parameter of the sampling ops: 1-D (any stride), the given dtype, on `device`.

@@ -26,10 +26,26 @@ void matmul(const TensorView& a, const TensorView& b, const TensorView& c, uintp
 // rows against a weight in torch's Linear layout. float16/bfloat16, float32 accumulation, one rounding
 // (after the bias add). k a multiple of 8; x, weight, out, bias contiguous (CUDA: x and weight
 // 16-byte aligned). bias.data == nullptr: no bias.
+//
+// Fused into the same pass (the decoder layer's neighbours of its products, at decode sizes):
+//  - norm_weight set: x is RMS-normalised first, row by row (RMSNorm's rounding: x * rsqrt(mean(x^2)
+//    + eps) rounded to the dtype, then times norm_weight [k], rounded again);
+//  - silu set: x is [m, 2k], the fused [gate | up] output, and the product takes
+//    silu(gate) * up (SiluAndMul's rounding: silu rounded to the dtype, then the product);
+//  - residual set ([m, n]): out = residual + product, the product rounded to the dtype first and the
+//    sum rounded again (the unfused add's rounding); out may be residual itself (in place).
+// norm_weight and silu exclude each other; x must not overlap out or residual.
 constexpr int64_t kSkinnyMaxRows = 16;
 
 struct SkinnyGemmArgs {
   TensorView x, weight, bias, out;
+  TensorView norm_weight;  // data == nullptr: no RMSNorm prologue
+  TensorView residual;     // data == nullptr: no residual add
+  float eps = 0.f;
+  bool silu = false;
+  // CUDA: 32-wide k chunks per warp step, 2 or 4 (loads in flight per thread vs registers and
+  // blocks per SM; which is faster depends on the shape and card). The CPU twin ignores it.
+  int unroll = 2;
 };
 
 namespace cpu {
@@ -39,6 +55,11 @@ void skinny_gemm(const SkinnyGemmArgs& args);
 #ifdef TINYSERVE_WITH_CUDA
 namespace cuda {
 void skinny_gemm(const SkinnyGemmArgs& args, uintptr_t stream);
+
+// Programmatic dependent launch of TinyServe's kernels (cuda_utils.cuh): mode -1 follows the
+// environment (TINYSERVE_PDL=0 turns it off), 0 off, 1 on (sm_90+ only).
+void set_programmatic_launch(int mode);
+bool programmatic_launch_enabled(int device);
 }  // namespace cuda
 #endif
 

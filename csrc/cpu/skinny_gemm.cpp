@@ -1,7 +1,9 @@
 // CPU twin of the skinny GEMM: out[m, n] = x[m, k] . weight[n, k] (+ bias[n]) in float32, rounded
-// once to the dtype (after the bias add), as the CUDA kernel does. Written for clarity: x is
+// once to the dtype (after the bias add), as the CUDA kernel does; with the same optional RMSNorm or
+// SiLU-and-mul of x before and residual add after (ops.h). Written for clarity: x is
 // converted to float32 once, then OpenMP over weight rows, each converted and dotted with every
 // row of x.
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -27,14 +29,46 @@ float dot(const float* a, const float* b, int64_t n) {
 }
 
 template <typename T>
-void skinny_gemm_impl(const SkinnyGemmArgs& a) {
-  const int64_t m = a.x.size(0), n = a.weight.size(0), k = a.x.size(1);
+float round_to(float v) {
+  return to_float(from_float<T>(v));
+}
+
+// The product's left operand [m, k] in float32, after the prologue, rounded as the unfused ops
+// store their outputs (see ops.h).
+template <typename T>
+std::vector<float> left_operand(const SkinnyGemmArgs& a) {
+  const int64_t m = a.x.size(0), k = a.weight.size(1), stride = a.x.size(1);
   const T* x = a.x.ptr<const T>();
+  std::vector<float> xf(static_cast<size_t>(m * k));
+  for (int64_t r = 0; r < m; ++r) {
+    const T* row = x + r * stride;
+    float* dst = xf.data() + r * k;
+    if (a.silu) {
+      for (int64_t i = 0; i < k; ++i) {
+        const float g = to_float(row[i]);
+        dst[i] = round_to<T>(round_to<T>(g / (1.f + std::exp(-g))) * to_float(row[k + i]));
+      }
+    } else if (a.norm_weight.data != nullptr) {
+      const T* w = a.norm_weight.ptr<const T>();
+      float ss = 0.f;
+      for (int64_t i = 0; i < k; ++i) ss += to_float(row[i]) * to_float(row[i]);
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(k) + a.eps);
+      for (int64_t i = 0; i < k; ++i) dst[i] = round_to<T>(to_float(w[i]) * round_to<T>(to_float(row[i]) * inv));
+    } else {
+      for (int64_t i = 0; i < k; ++i) dst[i] = to_float(row[i]);
+    }
+  }
+  return xf;
+}
+
+template <typename T>
+void skinny_gemm_impl(const SkinnyGemmArgs& a) {
+  const int64_t m = a.x.size(0), n = a.weight.size(0), k = a.weight.size(1);
   const T* weight = a.weight.ptr<const T>();
   const T* bias = a.bias.ptr<const T>();
+  const T* residual = a.residual.ptr<const T>();  // may be out itself: each element read, then written
   T* out = a.out.ptr<T>();
-  std::vector<float> xf(static_cast<size_t>(m * k));  // [m, k]
-  for (int64_t i = 0; i < m * k; ++i) xf[i] = to_float(x[i]);
+  const std::vector<float> xf = left_operand<T>(a);  // [m, k]
 #pragma omp parallel if (n * k > kParallelMinElems)
   {
     std::vector<float> wf(static_cast<size_t>(k));  // one weight row
@@ -42,7 +76,11 @@ void skinny_gemm_impl(const SkinnyGemmArgs& a) {
     for (int64_t j = 0; j < n; ++j) {
       for (int64_t i = 0; i < k; ++i) wf[i] = to_float(weight[j * k + i]);
       const float b = bias ? to_float(bias[j]) : 0.f;
-      for (int64_t r = 0; r < m; ++r) out[r * n + j] = from_float<T>(dot(xf.data() + r * k, wf.data(), k) + b);
+      for (int64_t r = 0; r < m; ++r) {
+        float v = dot(xf.data() + r * k, wf.data(), k) + b;
+        if (residual != nullptr) v = round_to<T>(v) + to_float(residual[r * n + j]);
+        out[r * n + j] = from_float<T>(v);
+      }
     }
   }
 }

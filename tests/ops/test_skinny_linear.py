@@ -59,14 +59,15 @@ def _check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "m{}_n{}_k{}{}".format(*c[:3], "_bias" if c[3] else ""))
-def test_skinny_linear(case, dtype, device):
+@pytest.mark.parametrize("unroll", [2, 4])
+def test_skinny_linear(case, dtype, device, unroll):
     m, n, k, bias = case
     x, w, b = _inputs(m, n, k, bias, dtype, device, seed=m * 1000 + n + k)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)  # poison: every element is written
-    res = ops.skinny_linear(x, w, b, out=out)
+    res = ops.skinny_linear(x, w, b, out=out, unroll=unroll)
     assert res.data_ptr() == out.data_ptr()
     _check(out, x, w, b)
-    _check(ops.skinny_linear(x, w, b), x, w, b)  # a new output tensor
+    _check(ops.skinny_linear(x, w, b, unroll=unroll), x, w, b)  # a new output tensor
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -161,3 +162,160 @@ def test_skinny_linear_captures_in_a_cuda_graph():
     torch.cuda.synchronize()
     for out, (x, w, b) in zip(outs, inputs, strict=True):
         _check(out, x, w, b)
+
+
+# ---- fused prologue (RMSNorm or SiLU-and-mul of x) and epilogue (residual add) -------------------
+# (num_tokens, out_features n, in_features k, bias)
+FUSED_CASES = [
+    (1, 40, 64, False),
+    (3, 97, 1032, True),
+    (8, 64, 4096, False),  # split-K across a cluster on sm_90
+    (12, 130, 1024, True),  # the 16-token-row kernel
+    (16, 4096, 1024, False),  # no split-K: 16 rows of the whole k staged beside the static buffers
+    (1, 1024, 3072, False),  # Qwen3-0.6B down_proj
+    (16, 40, 14336, True),  # a block's range of x too large to stage in shared memory: per-fragment prologue
+]
+
+
+def _case_id(c) -> str:
+    return "m{}_n{}_k{}{}".format(*c[:3], "_bias" if c[3] else "")
+
+
+def _fused_inputs(case, dtype, device, seed):
+    m, n, k, bias = case
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    # Weights scaled like a trained layer's, so the residual and the product are of one magnitude.
+    return rnd(m, k), rnd(n, k, scale=k**-0.5), rnd(n) if bias else None, rnd(k), rnd(m, n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", FUSED_CASES, ids=_case_id)
+def test_skinny_linear_norm_prologue(case, dtype, device):
+    """norm_weight: the product of rms_norm(x) (the op as it stores it), x itself untouched."""
+    x, w, b, gamma, _ = _fused_inputs(case, dtype, device, seed=sum(case[:3]))
+    x0 = x.clone()
+    out = ops.skinny_linear(x, w, b, norm_weight=gamma, eps=1e-5)
+    assert torch.equal(x, x0)
+    _check(out, ops.rms_norm(x, gamma, 1e-5), w, b)
+    # The norm matters: the plain product is far off.
+    with pytest.raises(AssertionError):
+        _check(out, x, w, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", FUSED_CASES, ids=_case_id)
+def test_skinny_linear_silu_prologue(case, dtype, device):
+    """silu_input: x is [gate | up]; the product takes silu_and_mul(x) as that op stores it."""
+    m, n, k, bias = case
+    x, w, b, _, _ = _fused_inputs((m, n, 2 * k, bias), dtype, device, seed=sum(case[:3]))
+    w = w[:, :k].contiguous()
+    out = ops.skinny_linear(x, w, b, silu_input=True)
+    assert out.shape == (m, n)
+    _check(out, ops.silu_and_mul(x), w, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", FUSED_CASES, ids=_case_id)
+@pytest.mark.parametrize("prologue", ["plain", "norm", "silu"])
+@pytest.mark.parametrize("unroll", [2, 4])
+def test_skinny_linear_residual_epilogue(case, dtype, device, prologue, unroll):
+    """residual: out = residual + T(product), in place (out=residual) or into a separate out; equal
+    to the unfused product followed by the add, up to the product's summation order."""
+    m, n, k, bias = case
+    kx = 2 * k if prologue == "silu" else k
+    x, w, b, gamma, res = _fused_inputs((m, n, kx, bias), dtype, device, seed=7 + sum(case[:3]))
+    w = w[:, :k].contiguous()
+    gamma = gamma[:k].contiguous()
+    kw = {"norm": {"norm_weight": gamma, "eps": 1e-6}, "silu": {"silu_input": True}}.get(prologue, {})
+    kw["unroll"] = unroll
+    operand = {"norm": lambda: ops.rms_norm(x, gamma, 1e-6), "silu": lambda: ops.silu_and_mul(x)}.get(
+        prologue, lambda: x
+    )()
+    product = ops.skinny_linear(x, w, b, **kw)
+    _check(product, operand, w, b)
+
+    separate = torch.full_like(res, float("nan"))
+    res0 = res.clone()
+    got = ops.skinny_linear(x, w, b, out=separate, residual=res, **kw)
+    assert got.data_ptr() == separate.data_ptr() and torch.equal(res, res0)
+    # The same kernel without the add gave `product`: the add must be exactly T(product) + residual.
+    assert torch.equal(got, (product.float() + res.float()).to(dtype))
+
+    inplace = ops.skinny_linear(x, w, b, out=res, residual=res, **kw)
+    assert inplace.data_ptr() == res.data_ptr()
+    assert torch.equal(res, got)
+
+
+def test_skinny_linear_fusion_bad_input():
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    w = torch.randn(4, 32, dtype=torch.bfloat16)
+    g = torch.randn(32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="unroll must be 2 or 4"):
+        ops.skinny_linear(x, w, unroll=3)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        ops.skinny_linear(torch.randn(2, 64, dtype=torch.bfloat16), w, norm_weight=g, silu_input=True)
+    with pytest.raises(ValueError, match=r"norm_weight must be a contiguous \[32\]"):
+        ops.skinny_linear(x, w, norm_weight=g[:16])
+    with pytest.raises(TypeError, match="norm_weight must be bfloat16"):
+        ops.skinny_linear(x, w, norm_weight=g.float())
+    with pytest.raises(ValueError, match=r"with silu_input, x must be \[num_tokens, 2 \* in_features\]"):
+        ops.skinny_linear(x, w, silu_input=True)
+    assert not ops.skinny_linear_supported(x, w, silu_input=True)
+    assert ops.skinny_linear_supported(torch.randn(2, 64, dtype=torch.bfloat16), w, silu_input=True)
+    with pytest.raises(ValueError, match=r"residual must be a contiguous \[2, 4\]"):
+        ops.skinny_linear(x, w, residual=torch.zeros(4, 2, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="residual must be bfloat16"):
+        ops.skinny_linear(x, w, residual=torch.zeros(2, 4))
+    both = torch.randn(2, 36, dtype=torch.bfloat16)  # x and out/residual in one buffer
+    with pytest.raises(ValueError, match="must not overlap"):
+        ops.skinny_linear(both.view(-1)[:64].view(2, 32), w, out=both.view(-1)[60:68].view(2, 4))
+    with pytest.raises(ValueError, match="must not overlap"):
+        ops.skinny_linear(both.view(-1)[:64].view(2, 32), w, residual=both.view(-1)[60:68].view(2, 4))
+
+
+@pytest.mark.cuda
+def test_skinny_linear_fused_captures_and_ignores_launch_mode():
+    """The fused forms in a CUDA graph, replayed on new inputs; with programmatic dependent launch
+    on and off the results are bit-identical (it changes when blocks start, not what they sum)."""
+    case = (4, 1024, 3072, True)
+    x, w, b, gamma, res = _fused_inputs(case, torch.bfloat16, "cuda", seed=3)
+    gu = torch.randn(4, 2 * 3072, dtype=torch.bfloat16, device="cuda")
+    w2 = torch.randn(3072, 1024, dtype=torch.bfloat16, device="cuda") * 0.03
+
+    def chain():
+        h = ops.skinny_linear(x, w, b, norm_weight=gamma, eps=1e-6)  # [4, 1024]
+        up = ops.skinny_linear(h, w2)  # [4, 3072]
+        r = res.clone()
+        ops.skinny_linear(gu, w, b, silu_input=True, residual=r, out=r)
+        return h, up, r
+
+    results = {}
+    try:
+        for mode in (False, True):
+            ops.set_programmatic_launch(mode)
+            eager = chain()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                chain()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outs = chain()
+            graph.replay()
+            torch.cuda.synchronize()
+            for e, o in zip(eager, outs, strict=True):
+                assert torch.equal(e, o)
+            results[mode] = eager
+    finally:
+        ops.set_programmatic_launch(None)
+    for a, c in zip(results[False], results[True], strict=True):
+        assert torch.equal(a, c)
+    _check(results[True][0], ops.rms_norm(x, gamma, 1e-6), w, b)

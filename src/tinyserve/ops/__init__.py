@@ -12,7 +12,14 @@ from typing import Any
 from .attention import paged_attention_decode, paged_attention_prefill
 from .cache import reshape_and_cache
 from .fused import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
-from .matmul import SKINNY_MAX_ROWS, matmul, skinny_linear, skinny_linear_supported
+from .matmul import (
+    SKINNY_MAX_ROWS,
+    matmul,
+    programmatic_launch_enabled,
+    set_programmatic_launch,
+    skinny_linear,
+    skinny_linear_supported,
+)
 from .sampling import exponential_noise, sample_from_logits
 
 
@@ -35,6 +42,8 @@ __all__ = [
     "exponential_noise",
     "fused_add_rms_norm",
     "matmul",
+    "programmatic_launch_enabled",
+    "set_programmatic_launch",
     "paged_attention_decode",
     "paged_attention_prefill",
     "reshape_and_cache",
