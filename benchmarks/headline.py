@@ -114,13 +114,23 @@ def single_stream(llm: LLM, prompt_len: int, new_tokens: int) -> tuple[float, fl
 
 
 def print_linear_choices(llm: LLM) -> None:
-    """The per-card kernel choice of the decode-sized linear layers (runner/linear_tuning.py)."""
-    for c in llm.engine.runner.linear_choices:
+    """The per-card kernel choices at decode sizes: each linear layer shape (runner/linear_tuning.py)
+    and the fused decoder layers per batch size (runner/cuda_graphs.py)."""
+    runner = llm.engine.runner
+    for c in runner.linear_choices:
         n, k = c.shape
         pick = "skinny" if c.skinny else "cuBLAS"
         print(
             f"  linear {n}x{k} x{c.layers} at {c.rows} rows: cuBLAS {c.cublas_s * 1e6:.1f} us, "
             f"skinny {c.skinny_s * 1e6:.1f} us -> {pick}",
+            flush=True,
+        )
+    graphs = runner.graphs
+    for c in [] if graphs is None else graphs.fused_choices:
+        pick = "fused" if c.fused else "unfused"
+        print(
+            f"  decode step at {c.batch_size} seqs: unfused layers {c.unfused_s * 1e6:.0f} us, "
+            f"fused {c.fused_s * 1e6:.0f} us -> {pick}",
             flush=True,
         )
 

@@ -295,3 +295,57 @@ def test_graph_length_bounds_match_eager(tmp_path):
     for lens, got, want in zip(batches, outs[False], outs[True], strict=True):
         for n, g, w in zip(lens, got, want, strict=True):
             _same_up_to_near_ties(g, w, f"prompt of {n} tokens in batch {lens}")
+
+
+def test_fused_layers_match_unfused(tmp_path, monkeypatch):
+    """bf16 decode graphs with the fused decoder layers at every batch size up to 16 seqs
+    (TINYSERVE_FUSED_LAYERS=1) against graphs without them (=0): the same greedy tokens, alone and
+    batched, or a near tie at the first difference (bf16 products summed in another order); and the
+    default (auto) keeps exactly the batch sizes it measured faster fused."""
+    import gc
+
+    import torch
+
+    from tests.models.tiny_models import random_prompt, save_tiny_checkpoint
+    from tinyserve import LLM
+
+    save_tiny_checkpoint("qwen3", tmp_path, seed=3)
+    batches = [[7], [40, 100, 3, 65, 17]]
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=2)
+    outs = {}
+    for mode in ("0", "1", "auto"):
+        monkeypatch.setenv("TINYSERVE_FUSED_LAYERS", mode)
+        llm = LLM(
+            str(tmp_path),
+            device="cuda",
+            dtype="bfloat16",
+            max_num_seqs=16,
+            num_kv_blocks=256,
+            skip_tokenizer_init=True,
+        )
+        graphs = llm.engine.runner.graphs
+        fused_rows = llm.engine.runner.model.model.fused_rows
+        if mode == "0":
+            assert fused_rows == frozenset() and graphs.fused_choices == []
+        elif mode == "1":
+            assert fused_rows == frozenset({1, 2, 4, 8, 16})
+        else:
+            assert [c.batch_size for c in graphs.fused_choices] == [1, 2, 4, 8, 16]
+            assert all(c.unfused_s > 0 and c.fused_s > 0 for c in graphs.fused_choices)
+            assert fused_rows == frozenset(c.batch_size for c in graphs.fused_choices if c.fused)
+        outs[mode] = [
+            llm.generate([{"prompt_token_ids": random_prompt(n, n)} for n in lens], params, use_tqdm=False)
+            for lens in batches
+        ]
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    for lens, got, want in zip(batches, outs["1"], outs["0"], strict=True):
+        for n, g, w in zip(lens, got, want, strict=True):
+            a, b = g.outputs[0], w.outputs[0]
+            for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)):
+                if x != y:
+                    top = sorted((lp.logprob for lp in a.logprobs[i].values()), reverse=True)
+                    what = f"prompt {n} in {lens}: token {i} {x} vs {y}, logprobs {top}"
+                    assert top[0] - top[1] < 0.1, what
+                    break

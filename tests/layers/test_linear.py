@@ -80,10 +80,13 @@ def test_tune_linear_layers_on_cuda() -> None:
         (shape, rows) for shape in ((2048, 1024), (1024, 2048)) for rows in (1, 4, 16)
     }
     for c in choices:
-        assert c.layers == 4 and c.cublas_s > 0 and c.skinny_s > 0
+        assert c.layers == 4 and c.cublas_s > 0 and c.skinny2_s > 0 and c.skinny4_s > 0
+        assert c.skinny_s == min(c.skinny2_s, c.skinny4_s)
     for layer in model:
         want = {c.rows for c in choices if c.shape == tuple(layer.weight.shape) and c.skinny}
         assert layer.skinny_rows == frozenset(want)
+        unroll = {c.rows: c.unroll for c in choices if c.shape == tuple(layer.weight.shape)}
+        assert layer.skinny_unroll == unroll and set(unroll.values()) <= {2, 4}
         for rows in (1, 4, 16, 64):
             x = torch.randn(rows, layer.input_size, device="cuda", dtype=torch.bfloat16)
             with torch.no_grad():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyserve import ops
+from tinyserve.layers.norm import RMSNorm
 
 
 class Linear(nn.Module):
@@ -27,12 +28,42 @@ class Linear(nn.Module):
         # Token counts at which ops.skinny_linear runs instead of cuBLAS: measured per card by the
         # runner (runner/linear_tuning.py); empty until then.
         self.skinny_rows: frozenset[int] = frozenset()
+        # The faster skinny kernel variant (ops.skinny_linear's unroll) per token count, measured
+        # with skinny_rows; 2 where not measured.
+        self.skinny_unroll: dict[int, int] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [num_tokens, input_size] -> [num_tokens, output_size]."""
         if x.shape[0] in self.skinny_rows and x.is_contiguous():
-            return ops.skinny_linear(x, self.weight, self.bias)
+            return ops.skinny_linear(x, self.weight, self.bias, unroll=self.skinny_unroll.get(x.shape[0], 2))
         return F.linear(x, self.weight, self.bias)
+
+    def fused(
+        self,
+        x: torch.Tensor,
+        *,
+        norm: RMSNorm | None = None,
+        silu_input: bool = False,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The product at decode sizes (skinny GEMM) with its neighbours in the same kernel:
+        `norm(x)` instead of x, or `silu_and_mul(x)` for a [gate | up] x; with `residual`, the result
+        is added to it in place and `residual` is returned. Rounded as the unfused ops round."""
+        return ops.skinny_linear(
+            x,
+            self.weight,
+            self.bias,
+            out=residual,
+            norm_weight=None if norm is None else norm.weight,
+            eps=0.0 if norm is None else norm.eps,
+            silu_input=silu_input,
+            residual=residual,
+            unroll=self.skinny_unroll.get(x.shape[0], 2),
+        )
+
+    def fused_supported(self, x: torch.Tensor, silu_input: bool = False) -> bool:
+        """Whether `fused(x, ...)` takes an input of x's shape, dtype, device and alignment."""
+        return ops.skinny_linear_supported(x, self.weight, self.bias, silu_input)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"

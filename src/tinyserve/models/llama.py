@@ -38,14 +38,18 @@ class LlamaAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, rope: BoundRope, md: AttentionMetadata) -> torch.Tensor:
         """hidden [num_tokens, hidden_size] -> [num_tokens, hidden_size]."""
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        return self.o_proj(self.attend(self.qkv_proj(hidden), rope, md))
+
+    def attend(self, qkv: torch.Tensor, rope: BoundRope, md: AttentionMetadata) -> torch.Tensor:
+        """The projected [q | k | v] [num_tokens, q_size + 2 * kv_size] -> attention output
+        [num_tokens, q_size], before o_proj."""
+        q, k, v = self.qkv_proj.split(qkv)
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim], a view of qkv
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim], a view
         # In place on the views, one kernel that also writes this step's K/V into the paged cache;
         # Qwen3 (q_norm/k_norm set): RMSNorm per head, then RoPE.
         rope(q, k, self.q_norm, self.k_norm, self.attn.cache_write(v, md))
-        out = self.attn(q, k, v, md, kv_written=True)  # [num_tokens, num_heads * head_dim]
-        return self.o_proj(out)
+        return self.attn(q, k, v, md, kv_written=True)  # [num_tokens, num_heads * head_dim]
 
 
 class LlamaMLP(nn.Module):
@@ -81,6 +85,30 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
+    def forward_fused(self, residual: torch.Tensor, rope: BoundRope, md: AttentionMetadata) -> None:
+        """The layer at decode sizes as four skinny products and the attention: the norms ride in the
+        qkv and gate_up products, SiLU-and-mul in down, and o and down add their output to the
+        residual stream [num_tokens, hidden_size], which is updated in place. Same values as
+        forward() up to the products' summation order."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv = attn.qkv_proj.fused(residual, norm=self.input_layernorm)
+        attn.o_proj.fused(attn.attend(qkv, rope, md), residual=residual)
+        gate_up = mlp.gate_up_proj.fused(residual, norm=self.post_attention_layernorm)
+        mlp.down_proj.fused(gate_up, silu_input=True, residual=residual)
+
+    def fused_supported(self, residual: torch.Tensor) -> bool:
+        """Whether forward_fused takes a residual stream of this shape, dtype and device."""
+        attn, mlp = self.self_attn, self.mlp
+        rows, dtype, device = residual.shape[0], residual.dtype, residual.device
+        q_out = torch.empty((rows, attn.o_proj.input_size), dtype=dtype, device=device)
+        gate_up = torch.empty((rows, mlp.gate_up_proj.output_size), dtype=dtype, device=device)
+        return (
+            attn.qkv_proj.fused_supported(residual)
+            and attn.o_proj.fused_supported(q_out)
+            and mlp.gate_up_proj.fused_supported(residual)
+            and mlp.down_proj.fused_supported(gate_up, silu_input=True)
+        )
+
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype) -> None:
@@ -91,12 +119,25 @@ class LlamaModel(nn.Module):
         )
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, dtype) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        # Token counts whose forward runs the fused decoder layers (LlamaDecoderLayer.forward_fused):
+        # chosen per card by the runner where they are measured faster; empty until then.
+        self.fused_rows: frozenset[int] = frozenset()
+
+    def fused_supported(self, num_tokens: int) -> bool:
+        """Whether the fused decoder layers take a step of num_tokens tokens (shapes, dtype, device)."""
+        weight = self.norm.weight
+        probe = torch.empty((num_tokens, weight.shape[0]), dtype=weight.dtype, device=weight.device)
+        return all(layer.fused_supported(probe) for layer in self.layers)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
         rope = self.rotary_emb.at(positions)  # bound once, used by every layer
+        if input_ids.shape[0] in self.fused_rows:
+            for layer in self.layers:
+                layer.forward_fused(hidden, rope, md)  # hidden is the residual stream, updated in place
+            return self.norm.normalize(hidden)
         residual: torch.Tensor | None = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, rope, md)

@@ -9,18 +9,47 @@ Why length bounds: the attention kernel sizes its split-KV launch (how many thre
 sequence's keys) from a host-side bound of the context length, and a graph fixes the launch. One
 bound of max_model_len would split a short context as if it were long; a few bounds keep the split
 close to what an eager step would pick, at the price of capturing each batch size a few times.
+
+Fused decoder layers: at a few tokens a step, each decoder layer can run as four skinny products
+carrying its norms, SiLU and residual adds (LlamaDecoderLayer.forward_fused) instead of cuBLAS
+products between small kernels. Which is faster depends on the card and the shapes, so before the
+capture both forms of each small batch size are captured once and timed, and the fused form is kept
+where it is clearly faster (TINYSERVE_FUSED_LAYERS=0 never fuses, =1 always fuses where supported).
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
+import os
+from dataclasses import dataclass
 
 import torch
 
+from tinyserve import ops
 from tinyserve.layers.attention import AttentionMetadata
 from tinyserve.models.llama import LlamaForCausalLM
 
 from .input_batch import InputBatch
+from .linear_tuning import time_graph
+
+logger = logging.getLogger(__name__)
+
+FUSED_MARGIN = 0.03  # the fused layers must be this much faster to be kept
+
+
+@dataclass(frozen=True)
+class FusedChoice:
+    """One measured batch size: seconds per decode-graph replay with the unfused and fused layers."""
+
+    batch_size: int
+    unfused_s: float
+    fused_s: float
+
+    @property
+    def fused(self) -> bool:
+        return self.fused_s < (1.0 - FUSED_MARGIN) * self.unfused_s
+
 
 MIN_LEN_BOUND = 1024  # contexts up to this share the smallest graphs
 MAX_LEN_BOUNDS = 5  # powers of two from MIN_LEN_BOUND; max_model_len is always the last bound
@@ -62,6 +91,7 @@ class DecodeGraphs:
         self.sizes = sizes
         self.len_bounds = graph_len_bounds(max_model_len)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.fused_choices: list[FusedChoice] = []  # measured by capture()
         self.pool = None
         device = inputs.device
         big = max(sizes)
@@ -114,6 +144,7 @@ class DecodeGraphs:
                 self._forward(big, self.len_bounds[-1])
         torch.cuda.current_stream(inputs.device).wait_stream(stream)
         torch.cuda.synchronize(inputs.device)
+        self.model.model.fused_rows = self._choose_fused_rows()
         # Largest first: later graphs reuse its pool.
         for bs in sorted(self.sizes, reverse=True):
             for max_len in reversed(self.len_bounds):
@@ -124,6 +155,30 @@ class DecodeGraphs:
                     self.pool = graph.pool()
                 self.graphs[bs, max_len] = graph
         torch.cuda.synchronize(inputs.device)
+
+    def _choose_fused_rows(self) -> frozenset[int]:
+        """The batch sizes whose graphs run the fused decoder layers (see the module docstring)."""
+        mode = os.environ.get("TINYSERVE_FUSED_LAYERS", "auto").strip().lower()
+        if mode not in ("auto", "0", "1"):
+            raise ValueError(f"TINYSERVE_FUSED_LAYERS must be auto, 0 or 1, got {mode!r}")
+        model = self.model.model
+        candidates = [bs for bs in self.sizes if bs <= ops.SKINNY_MAX_ROWS and model.fused_supported(bs)]
+        if mode != "auto":
+            return frozenset(candidates if mode == "1" else [])
+        chosen = set()
+        for bs in candidates:
+            times = []
+            for rows in (frozenset(), frozenset([bs])):
+                model.fused_rows = rows
+                times.append(time_graph(lambda bs=bs: self._forward(bs, self.len_bounds[0]), repeats=9))
+            choice = FusedChoice(bs, times[0], times[1])
+            self.fused_choices.append(choice)
+            if choice.fused:
+                chosen.add(bs)
+        model.fused_rows = frozenset()
+        if chosen:
+            logger.info("fused decoder layers at batch sizes %s", sorted(chosen))
+        return frozenset(chosen)
 
     def replay(self, key: tuple[int, int]) -> torch.Tensor:
         """Run the graph of `key` (from key_for); returns the shared logits [batch size, vocab]."""

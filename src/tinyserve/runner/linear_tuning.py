@@ -8,6 +8,8 @@ at start-up and before it captures the decode graphs: for every group of linear 
 weight shape and every row count the decode graphs use up to SKINNY_MAX_ROWS, both kernels run over
 the whole group (each layer's weight once, as a decode step reads them, so the weights come from
 memory and not from L2), and the skinny kernel takes those row counts where it is clearly faster.
+Both variants of the skinny kernel (unroll 2 and 4) are timed; the faster one is kept per row count
+also where cuBLAS wins, for the fused decoder layers (which always use the skinny kernel).
 """
 
 from __future__ import annotations
@@ -31,21 +33,32 @@ REPEATS = 5
 
 @dataclass(frozen=True)
 class LinearChoice:
-    """One measured (weight shape, rows) cell: seconds for the whole group with each kernel."""
+    """One measured (weight shape, rows) cell: seconds for the whole group with cuBLAS and with each
+    variant of the skinny kernel (unroll 2 and 4, ops.skinny_linear)."""
 
     shape: tuple[int, int]  # (out_features, in_features)
     rows: int
     layers: int
     cublas_s: float
-    skinny_s: float
+    skinny2_s: float
+    skinny4_s: float
+
+    @property
+    def unroll(self) -> int:
+        """The faster skinny variant."""
+        return 2 if self.skinny2_s <= self.skinny4_s else 4
+
+    @property
+    def skinny_s(self) -> float:
+        return min(self.skinny2_s, self.skinny4_s)
 
     @property
     def skinny(self) -> bool:
         return self.skinny_s < (1.0 - MARGIN) * self.cublas_s
 
 
-def _time(fn, repeats: int = REPEATS) -> float:
-    """Median seconds of one replay of `fn` captured in a CUDA graph."""
+def time_graph(fn, repeats: int = REPEATS) -> float:
+    """Median seconds of one replay of `fn` captured in a CUDA graph (on the current device)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -69,7 +82,8 @@ def _time(fn, repeats: int = REPEATS) -> float:
 
 @torch.inference_mode()
 def tune_linear_layers(model: nn.Module, rows: list[int]) -> list[LinearChoice]:
-    """Measure and set `skinny_rows` on every Linear of `model` (CUDA, float16/bfloat16 weights).
+    """Measure and set `skinny_rows` and `skinny_unroll` on every Linear of `model` (CUDA,
+    float16/bfloat16 weights).
 
     rows: the token counts to decide for (those above ops.SKINNY_MAX_ROWS are skipped).
     Returns every measured cell.
@@ -78,13 +92,14 @@ def tune_linear_layers(model: nn.Module, rows: list[int]) -> list[LinearChoice]:
     for module in model.modules():
         if isinstance(module, Linear):
             module.skinny_rows = frozenset()
+            module.skinny_unroll = {}
             groups[tuple(module.weight.shape) + (module.bias is not None,)].append(module)
     choices = []
     for (n, k, _), layers in groups.items():
         weight = layers[0].weight
         if not weight.is_cuda or weight.dtype not in (torch.float16, torch.bfloat16):
             continue
-        chosen = set()
+        chosen, unroll = set(), {}
         for m in rows:
             if m > ops.SKINNY_MAX_ROWS:
                 continue
@@ -97,16 +112,25 @@ def tune_linear_layers(model: nn.Module, rows: list[int]) -> list[LinearChoice]:
                 for la in layers:
                     F.linear(x, la.weight, la.bias)
 
-            def skinny(x=x, out=out, layers=layers):
+            def skinny(x=x, out=out, layers=layers, u=2):
                 for la in layers:
-                    ops.skinny_linear(x, la.weight, la.bias, out=out)
+                    ops.skinny_linear(x, la.weight, la.bias, out=out, unroll=u)
 
-            choice = LinearChoice((n, k), m, len(layers), _time(cublas), _time(skinny))
+            choice = LinearChoice(
+                (n, k),
+                m,
+                len(layers),
+                time_graph(cublas),
+                time_graph(skinny),
+                time_graph(lambda skinny=skinny: skinny(u=4)),
+            )
             choices.append(choice)
+            unroll[m] = choice.unroll
             if choice.skinny:
                 chosen.add(m)
         for la in layers:
             la.skinny_rows = frozenset(chosen)
+            la.skinny_unroll = dict(unroll)
         if chosen:
             logger.info("linear %dx%d (%d layers): skinny GEMM at rows %s", n, k, len(layers), sorted(chosen))
     return choices

@@ -1,0 +1,69 @@
+"""The fused decoder layers (LlamaDecoderLayer.forward_fused: norms, SiLU and residual adds inside
+the skinny products) against the unfused layers and transformers, for every family, on the CPU twin
+and on CUDA. The model runs them only at the token counts in `LlamaModel.fused_rows`."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tinyserve.models.loader import load_model
+
+from .paged_runner import PagedRunner, rel_err
+from .parity_check import check_greedy_close
+from .tiny_models import random_prompt
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_step_matches_unfused(family, device) -> None:
+    """One batched decode step (3 sequences, one token each) from the same KV cache, unfused and
+    fused: the logits agree to bf16 rounding of the products, and so do the greedy picks."""
+    name, _, path = family
+    model, _ = load_model(path, device=device, dtype=torch.bfloat16)
+    inner = model.model
+    assert inner.fused_rows == frozenset()
+    assert inner.fused_supported(3) and inner.fused_supported(16) and not inner.fused_supported(17)
+    runner = PagedRunner(model, num_blocks=32, block_size=16)
+    prompts = {i: random_prompt(n, seed=n) for i, n in enumerate((5, 17, 30))}
+    logits = runner.step(list(prompts.items()))  # 52 rows: the unfused layers
+    ends = torch.tensor([len(p) for p in prompts.values()]).cumsum(0) - 1
+    firsts = logits[ends.to(logits.device)].argmax(-1).tolist()
+    batch = [(i, [int(t)]) for i, t in zip(prompts, firsts, strict=True)]
+
+    unfused = runner.step(batch)
+    for i in prompts:  # the same step again, from the same cache
+        runner.num_cached[i] -= 1
+    inner.fused_rows = frozenset({3})
+    try:
+        fused = runner.step(batch)
+    finally:
+        inner.fused_rows = frozenset()
+    assert rel_err(fused, unfused) < 2e-2, name
+    top_f, top_u = fused.topk(2, dim=-1), unfused.topk(2, dim=-1)
+    for row in range(3):
+        a, b = int(top_f.indices[row, 0]), int(top_u.indices[row, 0])
+        assert a == b or b in top_f.indices[row].tolist(), f"{name} row {row}: fused {a}, unfused {b}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_greedy_matches_transformers(family, device) -> None:
+    """Greedy decoding with every decode step fused: transformers' tokens in bf16 (or a near tie at
+    the first difference, the vLLM criterion)."""
+    name, hf_model, path = family
+    hf = copy.deepcopy(hf_model).to(device, torch.bfloat16)
+    model, _ = load_model(path, device=device, dtype=torch.bfloat16)
+    model.model.fused_rows = frozenset({1})
+    prompt = random_prompt(11, seed=7)
+    tokens, step_logits = PagedRunner(model, num_blocks=16, block_size=16, seed=2).greedy(0, prompt, 24)
+    check_greedy_close(hf, prompt, tokens, step_logits, f"{name} fused bf16 on {device}")
+
+
+def test_fused_needs_half_precision(family) -> None:
+    """The skinny products take float16/bfloat16 only: a float32 model never fuses."""
+    _, _, path = family
+    model, _ = load_model(path, device="cpu", dtype=torch.float32)
+    assert not model.model.fused_supported(1)
