@@ -11,6 +11,7 @@
 
 #include "../op_checks.h"
 #include "../ops.h"
+#include "fused_math.h"
 #include "half.h"
 
 namespace tinyserve::cpu {
@@ -19,12 +20,6 @@ namespace {
 // Below this many elements the work stays on the calling thread: waking an OpenMP team costs more.
 constexpr int64_t kParallelMinElems = int64_t{1} << 15;
 
-
-// x rounded to T's precision, as a float (the value a PyTorch op in dtype T would store).
-template <typename T>
-inline float round_to(float x) {
-  return to_float(from_float<T>(x));
-}
 
 // a * b rounded to T, as a float: the value PyTorch stores for `a * b` in dtype T. For float32 the
 // product goes through a volatile so the compiler cannot fuse it into a following add (GCC's
@@ -51,33 +46,6 @@ struct Rows {
   }
   int64_t offset(int64_t r) const { return (r / inner) * s0 + (r % inner) * s1; }
 };
-
-template <typename T>
-float sum_of_squares(const T* x, int64_t n) {
-  float acc[8] = {};  // 8 independent partial sums: no serial dependency chain, and it vectorises
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) {
-      const float v = to_float(x[i + j]);
-      acc[j] += v * v;
-    }
-  }
-  for (; i < n; ++i) {
-    const float v = to_float(x[i]);
-    acc[0] += v * v;
-  }
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-
-inline float inv_rms(float sum_sq, int64_t n, float eps) {
-  return 1.f / std::sqrt(sum_sq / static_cast<float>(n) + eps);
-}
-
-// weight * T(x * inv): transformers' order (normalise in float32, round, then scale in T).
-template <typename T>
-inline float norm_value(T x, T w, float inv) {
-  return to_float(w) * round_to<T>(to_float(x) * inv);
-}
 
 // ---- RMSNorm ------------------------------------------------------------------------------------
 template <typename T>
@@ -166,8 +134,7 @@ void silu_and_mul_impl(const SiluAndMulArgs& a) {
     T* out = a.out.ptr<T>() + t * a.out.stride(0);
     for (int64_t j = 0; j < d; ++j) {
       const float g = to_float(gate[j]);
-      // F.silu(gate) is stored in T before the product, as SiluAndMul's PyTorch formula does.
-      out[j] = from_float<T>(round_to<T>(g / (1.f + std::exp(-g))) * to_float(up[j]));
+      out[j] = from_float<T>(silu_rounded<T>(g) * to_float(up[j]));
     }
   }
 }

@@ -3,12 +3,12 @@
 // SiLU-and-mul of x before and residual add after (ops.h). Written for clarity: x is
 // converted to float32 once, then OpenMP over weight rows, each converted and dotted with every
 // row of x.
-#include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "../op_checks.h"
 #include "../ops.h"
+#include "fused_math.h"
 #include "half.h"
 
 namespace tinyserve::cpu {
@@ -28,11 +28,6 @@ float dot(const float* a, const float* b, int64_t n) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-template <typename T>
-float round_to(float v) {
-  return to_float(from_float<T>(v));
-}
-
 // The product's left operand [m, k] in float32, after the prologue, rounded as the unfused ops
 // store their outputs (see ops.h).
 template <typename T>
@@ -44,16 +39,11 @@ std::vector<float> left_operand(const SkinnyGemmArgs& a) {
     const T* row = x + r * stride;
     float* dst = xf.data() + r * k;
     if (a.silu) {
-      for (int64_t i = 0; i < k; ++i) {
-        const float g = to_float(row[i]);
-        dst[i] = round_to<T>(round_to<T>(g / (1.f + std::exp(-g))) * to_float(row[k + i]));
-      }
+      for (int64_t i = 0; i < k; ++i) dst[i] = round_to<T>(silu_rounded<T>(to_float(row[i])) * to_float(row[k + i]));
     } else if (a.norm_weight.data != nullptr) {
       const T* w = a.norm_weight.ptr<const T>();
-      float ss = 0.f;
-      for (int64_t i = 0; i < k; ++i) ss += to_float(row[i]) * to_float(row[i]);
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(k) + a.eps);
-      for (int64_t i = 0; i < k; ++i) dst[i] = round_to<T>(to_float(w[i]) * round_to<T>(to_float(row[i]) * inv));
+      const float inv = inv_rms(sum_of_squares(row, k), k, a.eps);
+      for (int64_t i = 0; i < k; ++i) dst[i] = round_to<T>(norm_value(row[i], w[i], inv));
     } else {
       for (int64_t i = 0; i < k; ++i) dst[i] = to_float(row[i]);
     }
