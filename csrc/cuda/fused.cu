@@ -34,16 +34,6 @@ __device__ __forceinline__ void store(T* p, const Vec<T, N>& v) {
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
-// x rounded to T's precision, as a float (the value a PyTorch op in dtype T would store).
-template <typename T>
-__device__ __forceinline__ float round_to(float x) {
-  return to_float<T>(from_float<T>(x));
-}
-template <>
-__device__ __forceinline__ float round_to<float>(float x) {
-  return x;
-}
-
 // weight * T(x * inv): transformers' RMSNorm order (normalise in float32, round, then scale).
 template <typename T>
 __device__ __forceinline__ float norm_value(T x, T w, float inv) {
@@ -70,8 +60,6 @@ __device__ float block_sum(float v) {
 
 template <typename T>
 constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte access
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 int round_up(int64_t x, int to) { return static_cast<int>((x + to - 1) / to * to); }
 

@@ -383,8 +383,6 @@ Occupancy occupancy(const void* func, int device) {
   return o;
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename T, int N, bool kVec>
 void launch_sample(const SampleArgs& a, SampleParams p, cudaStream_t stream) {
   const void* func = reinterpret_cast<const void*>(&sample_kernel<T, N, kVec>);

@@ -116,11 +116,6 @@ __device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
 #endif
 }
 
-template <typename T>
-__device__ __forceinline__ float round_to(float x) {
-  return to_float<T>(from_float<T>(x));
-}
-
 // The 8 values of a 16-byte vector, as floats, and back (rounded to T).
 template <typename T>
 __device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8]) {
@@ -137,11 +132,8 @@ __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
   return v;
 }
 
-// 8 consecutive k (from element offset `k` of a row starting at `row`) of the product's left
-// operand, after the prologue. inv: the row's 1 / rms (kNorm); gamma: norm_weight at the same offset
-// as row; up_offset: where up starts in a [gate | up] row (kSilu). Zeros when !valid.
-// The prologue on 8 values: v (x, or gate with kSilu) and aux (norm_weight with kNorm, up with
-// kSilu) at the same k.
+// The prologue on 8 consecutive k of the product's left operand: v (x, or gate with kSilu) and aux
+// (norm_weight with kNorm, up with kSilu) at the same k; inv is the row's 1 / rms (kNorm).
 template <typename T, int kPro>
 __device__ __forceinline__ uint4 transform_x(const uint4& v, const uint4& aux, float inv) {
   if constexpr (kPro == kPlain) {
@@ -171,13 +163,6 @@ __device__ __forceinline__ uint4 load_aux(const T* row, int64_t k, bool valid, c
   if constexpr (kPro == kNorm) return load16<false>(gamma + k, valid);
   if constexpr (kPro == kSilu) return load16<false>(row + up_offset + k, valid);
   return make_uint4(0u, 0u, 0u, 0u);
-}
-
-template <typename T, int kPro>
-__device__ __forceinline__ uint4 load_x(const T* row, int64_t k, bool valid, float inv, const T* gamma,
-                                        int64_t up_offset) {
-  const uint4 v = load16<false>(row + k, valid);
-  return transform_x<T, kPro>(v, load_aux<T, kPro>(row, k, valid, gamma, up_offset), inv);
 }
 
 // grid = (ceil(n / kBlockRows), splits); with splits > 1 the blocks of one row block form a cluster.
@@ -540,8 +525,6 @@ void launch_for(const SkinnyGemmArgs& a, int device, cudaStream_t stream) {
     default: return launch<T, true, kSilu, 4>(a, device, stream);
   }
 }
-
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 }  // namespace
 
