@@ -25,6 +25,14 @@ using attn::warp_sum;
 constexpr int kMaxSplits = 64;
 constexpr int kMinPartition = 128;  // keys per split, at least (fewer make the merge cost show)
 constexpr int kMaxHeadDim = 256;
+// Decode kernel: K/V tiles in flight per block. Two stages fit three blocks per SM, three stages
+// two. With few blocks (a launch of at most two waves of the two-stage kernel) the third stage wins:
+// each block streams faster and the last wave's few blocks leave less bandwidth unused (H200,
+// 2026-11-28, Qwen3-0.6B heads: 64 x 512-768 keys 59.0 -> 53.4 us, 64 x 2048 146 -> 139 us); with
+// many waves three blocks per SM win (128 x 512-768: 95 vs 98 us; 256 x 100-1024: 158 vs 167 us).
+constexpr int kDecodeStagesFew = 3;
+constexpr int kDecodeStagesMany = 2;
+constexpr int kFewWaves = 2;
 
 // ---- merge of split-KV partials -----------------------------------------------------------------
 
@@ -85,6 +93,7 @@ __global__ void __launch_bounds__(attn::kThreads) merge_splits_kernel(const Para
 struct DeviceInfo {
   int sms = 0;
   int cc_major = 0;
+  int max_smem_optin = 0;  // shared memory one block may opt in to
 };
 
 std::mutex g_cache_mutex;
@@ -98,6 +107,8 @@ DeviceInfo device_info(int device) {
   check_cuda(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device), "paged_attention: SM count");
   check_cuda(cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, device),
              "paged_attention: compute capability");
+  check_cuda(cudaDeviceGetAttribute(&info.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "paged_attention: shared memory per block");
   cache.emplace(device, info);
   return info;
 }
@@ -278,10 +289,11 @@ void paged_attention(const PagedAttentionArgs& a, uintptr_t stream_handle) {
   if (dev.cc_major >= 8 && mma_layout_ok(a)) {
     // Two m-tiles per warp (128 rows per block) halve the shared-memory reads per multiply; short
     // chunks keep 64-row blocks rather than compute empty rows.
-    k = attn::mma_kernel(dtype, p.head_dim, decode_mode, max_q * p.group <= 64 ? 1 : 2);
+    k = attn::mma_kernel(dtype, p.head_dim, decode_mode, max_q * p.group <= 64 ? 1 : 2, kDecodeStagesMany);
   }
-  if (k.func == nullptr) k = attn::simt_kernel(dtype, p.head_dim);
-  const int slots = resident_blocks(k, device, dev.sms);
+  const bool mma = k.func != nullptr;
+  if (!mma) k = attn::simt_kernel(dtype, p.head_dim);
+  int slots = resident_blocks(k, device, dev.sms);
 
   // Row tiles: exact for decode; for prefill an upper bound from shapes and max_query_len (spare
   // blocks exit at once).
@@ -293,6 +305,13 @@ void paged_attention(const PagedAttentionArgs& a, uintptr_t stream_handle) {
   } else {
     tiles = std::min((static_cast<int64_t>(p.num_tokens) * p.group + rows - 1) / rows + p.num_seqs,
                      p.num_seqs * ((max_q * p.group + rows - 1) / rows));
+  }
+  if (mma && decode_mode && tiles * p.num_kv_heads <= kFewWaves * static_cast<int64_t>(slots)) {
+    const KernelInfo few = attn::mma_kernel(dtype, p.head_dim, decode_mode, 1, kDecodeStagesFew);
+    if (few.smem_bytes <= dev.max_smem_optin) {  // e.g. not on sm_86/89 (99 KB) at head_dim 128
+      k = few;
+      slots = resident_blocks(k, device, dev.sms);
+    }
   }
   const int64_t capacity_len = static_cast<int64_t>(p.max_blocks) << p.block_size_log2;
   const int64_t max_len = std::min(a.max_seq_len > 0 ? a.max_seq_len : capacity_len, capacity_len);

@@ -1,9 +1,9 @@
 // Paged attention on tensor cores (mma.sync m16n8k16, float16/bfloat16 in, float32 accumulation)
 // for head_dim 64 and 128, flash-attention style: keys/values stream through shared memory in
-// tiles of 64 positions gathered through the block table with 16-byte cp.async copies (two
-// stages: the next tile loads while this one is multiplied), scores stay in registers, and an
-// online softmax rescales the output accumulators. P goes from the score accumulators straight
-// into the A operand of the P.V product, without touching shared memory.
+// tiles of 64 positions gathered through the block table with 16-byte cp.async copies (STAGES
+// buffers: the next STAGES - 1 tiles load while this one is multiplied), scores stay in registers,
+// and an online softmax rescales the output accumulators. P goes from the score accumulators
+// straight into the A operand of the P.V product, without touching shared memory.
 //
 // Two warp layouts of one kernel template:
 //  - prefill (DECODE = false): 64 * MT query rows per block, each warp owns MT tiles of 16 rows
@@ -11,7 +11,8 @@
 //  - decode (DECODE = true): the group's <= 16 query rows (one token x the query heads of one KV
 //    head) shared by all warps, each warp taking 16 of a tile's 64 keys; the four partial softmax
 //    states are merged through shared memory at the end. Memory-bound: every K/V byte is read
-//    once per KV head, in 16-byte loads, with a whole tile in flight.
+//    once per KV head, in 16-byte loads, with STAGES - 1 whole tiles in flight (2 or 3 stages:
+//    attention.cu picks by how many waves of blocks the launch makes).
 #include <cfloat>
 
 #include "attention_common.cuh"
@@ -67,7 +68,7 @@ __device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: 2^-inf = 0
 // MT: 16-row m-tiles per warp. Two (prefill) let every K/V fragment read from shared memory feed
 // two mma instructions, which halves the shared-memory traffic per multiply; the query fragments
 // are then re-read per tile instead of living in registers.
-template <int D, bool DECODE, int MT>
+template <int D, bool DECODE, int MT, int STAGES>
 struct Cfg {
   static constexpr int kRows = DECODE ? 16 : 64 * MT;  // query rows per thread block
   static constexpr int kWarpKeys = DECODE ? 16 : 64;   // keys of a tile each warp multiplies
@@ -77,20 +78,21 @@ struct Cfg {
   static constexpr int kLoadRows = kThreads / kChunks;         // rows one pass of the block copies
   static constexpr int kRowsPerThread = kKeyTile / kLoadRows;  // K (and V) rows each thread copies
   static constexpr int kTileElems = kKeyTile * kStride;
-  static constexpr int kStages = 2;
+  static constexpr int kStages = STAGES;
   static constexpr int kSmemBytes = (kRows * kStride + kStages * 2 * kTileElems) * 2;
   static_assert(D % 16 == 0 && kThreads % kChunks == 0 && kKeyTile % kLoadRows == 0, "tile shape");
   static_assert(!DECODE || MT == 1, "decode: one m-tile shared by all warps");
+  static_assert(STAGES >= 2, "at least the tile being multiplied and the next");
   // The decode epilogue reuses the K/V stages for 4 warps x 16 rows of float32 partials.
   static_assert(!DECODE || (4 * 16 * (D + 2)) * 4 <= kStages * 2 * kTileElems * 2, "epilogue space");
 };
 
-template <typename T, int D, bool DECODE, int MT>
+template <typename T, int D, bool DECODE, int MT, int STAGES>
 __global__ void __launch_bounds__(kThreads) mma_attention_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // the dispatcher only picks this kernel on sm_80+
 #else
-  using C = Cfg<D, DECODE, MT>;
+  using C = Cfg<D, DECODE, MT, STAGES>;
   pdl_wait();
   pdl_launch_dependents();
   Work w;
@@ -115,7 +117,7 @@ __global__ void __launch_bounds__(kThreads) mma_attention_kernel(const Params p)
 
   // K/V tile copies: thread copies chunk ld_ch of rows ld_row + i * kLoadRows. Physical block ids
   // are fetched into registers a tile before they are used, off the critical path. While a tile
-  // is multiplied the next one is in flight, and while waiting for it the one after.
+  // is multiplied (and while waiting for it) the next STAGES - 1 tiles are in flight.
   const int ld_row = tid / C::kChunks, ld_ch = tid % C::kChunks;
   const int32_t* table = p.block_tables + static_cast<int64_t>(w.seq) * p.bt_stride;
   const int block_mask = (1 << p.block_size_log2) - 1;
@@ -174,23 +176,24 @@ __global__ void __launch_bounds__(kThreads) mma_attention_kernel(const Params p)
   }
   uint32_t qf[MT == 1 ? D / 16 : 1][4];  // one m-tile: the query fragments stay in registers
 
-  if (n_tiles > 0) {
-    fetch_blocks(blocks, w.kv_begin);
-    issue_tile(w.kv_begin, 0);
-  }
-  cp_async_commit();  // group: Q and tile 0
-  if (n_tiles > 1) fetch_blocks(blocks, w.kv_begin + kKeyTile);
+  // One commit group per tile (empty past the last): group 0 also holds Q, and tile j sits in
+  // stage j % STAGES, which tile j - STAGES released at the end of its iteration.
+  int issued = 0;
+  auto issue_next = [&]() {
+    if (issued < n_tiles) {
+      issue_tile(w.kv_begin + issued * kKeyTile, issued % C::kStages);
+      if (++issued < n_tiles) fetch_blocks(blocks, w.kv_begin + issued * kKeyTile);
+    }
+    cp_async_commit();
+  };
+  if (n_tiles > 0) fetch_blocks(blocks, w.kv_begin);
+#pragma unroll
+  for (int s = 0; s + 1 < C::kStages; ++s) issue_next();
 
   for (int it = 0; it < n_tiles; ++it) {
     const int k0 = w.kv_begin + it * kKeyTile;
-    if (it + 1 < n_tiles) {
-      issue_tile(k0 + kKeyTile, (it + 1) & 1);
-      cp_async_commit();
-      if (it + 2 < n_tiles) fetch_blocks(blocks, k0 + 2 * kKeyTile);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    issue_next();                        // tile it + STAGES - 1
+    cp_async_wait<C::kStages - 1>();     // groups 0..it are complete: tile it has landed
     __syncthreads();
     if constexpr (MT == 1) {
       if (it == 0) {
@@ -200,7 +203,7 @@ __global__ void __launch_bounds__(kThreads) mma_attention_kernel(const Params p)
         }
       }
     }
-    const T* sk = s_kv + (it & 1) * 2 * C::kTileElems;
+    const T* sk = s_kv + (it % C::kStages) * 2 * C::kTileElems;
     const T* sv = sk + C::kTileElems;
 
     // S = Q . K^T for this warp's keys.
@@ -400,36 +403,43 @@ __global__ void __launch_bounds__(kThreads) mma_attention_kernel(const Params p)
 #endif
 }
 
-template <typename T, int D, bool DECODE, int MT>
+template <typename T, int D, bool DECODE, int MT, int STAGES>
 KernelInfo info() {
+  using C = Cfg<D, DECODE, MT, STAGES>;
   KernelInfo k;
-  k.func = reinterpret_cast<const void*>(&mma_attention_kernel<T, D, DECODE, MT>);
-  k.smem_bytes = Cfg<D, DECODE, MT>::kSmemBytes;
-  k.rows_per_cta = Cfg<D, DECODE, MT>::kRows;
+  k.func = reinterpret_cast<const void*>(&mma_attention_kernel<T, D, DECODE, MT, STAGES>);
+  k.smem_bytes = C::kSmemBytes;
+  k.rows_per_cta = C::kRows;
   return k;
 }
 
 template <typename T, int D>
-KernelInfo pick_dim(bool decode_mode, int prefill_mtiles) {
-  if (decode_mode) return info<T, D, true, 1>();
-  return prefill_mtiles == 1 ? info<T, D, false, 1>() : info<T, D, false, 2>();
+KernelInfo pick_dim(bool decode_mode, int prefill_mtiles, int decode_stages) {
+  if (decode_mode) {
+    switch (decode_stages) {
+      case 2: return info<T, D, true, 1, 2>();
+      case 4: return info<T, D, true, 1, 4>();
+      default: return info<T, D, true, 1, 3>();
+    }
+  }
+  return prefill_mtiles == 1 ? info<T, D, false, 1, 2>() : info<T, D, false, 2, 2>();
 }
 
 template <typename T>
-KernelInfo pick(int head_dim, bool decode_mode, int prefill_mtiles) {
+KernelInfo pick(int head_dim, bool decode_mode, int prefill_mtiles, int decode_stages) {
   switch (head_dim) {
-    case 64: return pick_dim<T, 64>(decode_mode, prefill_mtiles);
-    case 128: return pick_dim<T, 128>(decode_mode, prefill_mtiles);
+    case 64: return pick_dim<T, 64>(decode_mode, prefill_mtiles, decode_stages);
+    case 128: return pick_dim<T, 128>(decode_mode, prefill_mtiles, decode_stages);
     default: return KernelInfo{};
   }
 }
 
 }  // namespace
 
-KernelInfo mma_kernel(DType dtype, int head_dim, bool decode_mode, int prefill_mtiles) {
+KernelInfo mma_kernel(DType dtype, int head_dim, bool decode_mode, int prefill_mtiles, int decode_stages) {
   switch (dtype) {
-    case DType::kFloat16: return pick<__half>(head_dim, decode_mode, prefill_mtiles);
-    case DType::kBFloat16: return pick<__nv_bfloat16>(head_dim, decode_mode, prefill_mtiles);
+    case DType::kFloat16: return pick<__half>(head_dim, decode_mode, prefill_mtiles, decode_stages);
+    case DType::kBFloat16: return pick<__nv_bfloat16>(head_dim, decode_mode, prefill_mtiles, decode_stages);
     default: return KernelInfo{};
   }
 }

@@ -190,6 +190,18 @@ def test_decode_split_kv_cuda(dtype, head_dim):
         check_close(run_decode(b, out=poisoned(b), max_seq_len=bound), ref, dtype, f"max_seq_len={bound}")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_seqs", [24, 160])
+def test_decode_few_and_many_blocks_cuda(dtype, num_seqs):
+    """The decode kernel buffers three K/V tiles per block for launches of a couple of waves and two
+    (more blocks per SM) for larger ones: 24 x 8 KV heads blocks take the first, 160 x 8 (more than
+    two waves of 3 blocks on each of up to 132 SMs) the second."""
+    lens = torch.randint(1, 700, (num_seqs,), generator=torch.Generator().manual_seed(num_seqs)).tolist()
+    b = make_batch(lens, [1] * num_seqs, 16, 8, 128, 16, dtype, "cuda", seed=num_seqs)
+    check_close(run_decode(b, out=poisoned(b)), decode_ref(b), dtype, f"decode {num_seqs} sequences")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_decode_empty_context_gives_zeros(device):
     b = make_batch([0, 5], [1, 1], 4, 2, 64, 16, torch.float32, device, seed=3)
