@@ -28,7 +28,7 @@ constexpr int kMaxHeadDim = 256;
 // Decode kernel: K/V tiles in flight per block. Two stages fit three blocks per SM, three stages
 // two. With few blocks (a launch of at most two waves of the two-stage kernel) the third stage wins:
 // each block streams faster and the last wave's few blocks leave less bandwidth unused (H200,
-// 2026-11-28, Qwen3-0.6B heads: 64 x 512-768 keys 59.0 -> 53.4 us, 64 x 2048 146 -> 139 us); with
+// 2026-11-28, Qwen3-0.6B heads: 64 x 512-768 keys 59.5 -> 53.4 us, 64 x 2048 146 -> 139 us); with
 // many waves three blocks per SM win (128 x 512-768: 95 vs 98 us; 256 x 100-1024: 158 vs 167 us).
 constexpr int kDecodeStagesFew = 3;
 constexpr int kDecodeStagesMany = 2;
