@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 
+from hypothesis import strategies as st
+
 from tinyserve.config import CacheConfig, SchedulerConfig
 from tinyserve.kv_cache.manager import KVCacheManager
 from tinyserve.request import Request
@@ -14,6 +16,21 @@ from tinyserve.scheduler.output import SchedulerOutput
 from tinyserve.scheduler.scheduler import Scheduler
 
 VOCAB = 50
+
+# Random workloads of the property tests: [(prompt, max_tokens)] over a small vocabulary, so that
+# prompts share prefixes (the prefix cache takes part) and the stop token 0 comes early.
+SMALL_VOCAB = 7
+random_requests = st.lists(
+    st.tuples(st.lists(st.integers(0, SMALL_VOCAB - 1), min_size=1, max_size=24), st.integers(1, 12)),
+    min_size=1,
+    max_size=10,
+)
+
+
+def blocks_for_largest(requests: list[tuple[list[int], int]], block_size: int) -> int:
+    """Blocks the largest (prompt, max_tokens) request needs (its last token is never cached)."""
+    largest = max(len(tokens) + max_tokens - 1 for tokens, max_tokens in requests)
+    return -(-largest // block_size)
 
 
 def make(

@@ -20,7 +20,15 @@ from tinyserve.request import Request, RequestStatus
 from tinyserve.scheduler.output import SchedulerOutput
 from tinyserve.scheduler.scheduler import Scheduler
 
-from .fake_runner import VOCAB, FakeRunner, prompt, reference_generation
+from .fake_runner import (
+    SMALL_VOCAB,
+    VOCAB,
+    FakeRunner,
+    blocks_for_largest,
+    prompt,
+    random_requests,
+    reference_generation,
+)
 from .fake_runner import make as make_scheduler
 
 
@@ -200,16 +208,9 @@ def test_fork_with_a_step_in_flight_copies_the_shared_block_before_writing() -> 
         assert_all_blocks_free(scheduler)
 
 
-requests_st = st.lists(
-    st.tuples(st.lists(st.integers(0, 6), min_size=1, max_size=24), st.integers(1, 12)),
-    min_size=1,
-    max_size=10,
-)
-
-
 @settings(max_examples=60, deadline=None)
 @given(
-    requests=requests_st,
+    requests=random_requests,
     block_size=st.integers(1, 5),
     extra_blocks=st.integers(0, 6),
     max_num_seqs=st.integers(1, 5),
@@ -226,9 +227,7 @@ def test_random_workloads_match_the_reference(
     caching: bool,
     abort_at: int,
 ) -> None:
-    vocab = 7  # small: prompts share prefixes and stop tokens (0) come early
-    largest = max(len(tokens) + max_tokens - 1 for tokens, max_tokens in requests)
-    num_blocks = -(-largest // block_size) + extra_blocks
+    num_blocks = blocks_for_largest(requests, block_size) + extra_blocks
     kv = KVCacheManager(
         CacheConfig(block_size=block_size, enable_prefix_caching=caching, watermark=0.0),
         num_blocks=num_blocks,
@@ -237,7 +236,7 @@ def test_random_workloads_match_the_reference(
         max_num_batched_tokens=max_num_seqs + extra_budget, max_num_seqs=max_num_seqs, async_scheduling=True
     )
     scheduler = Scheduler(config, kv)
-    driver = AsyncDriver(scheduler, FakeRunner(num_blocks, block_size, vocab))
+    driver = AsyncDriver(scheduler, FakeRunner(num_blocks, block_size, SMALL_VOCAB))
     for i, (tokens, max_tokens) in enumerate(requests):
         driver.add(Request(f"r{i}", tokens, max_tokens, stop_token_ids=[0]))
     for _ in range(abort_at):
@@ -247,7 +246,7 @@ def test_random_workloads_match_the_reference(
     driver.run(max_steps=5_000)
     for request in driver.requests.values():
         alone = Request("x", request.prompt_token_ids, request.max_tokens, stop_token_ids=[0])
-        alone = reference_generation(alone, vocab)
+        alone = reference_generation(alone, SMALL_VOCAB)
         if request.finish_reason == "abort":
             assert alone[: request.num_output_tokens] == request.output_token_ids
         else:

@@ -12,20 +12,19 @@ from tinyserve.kv_cache.manager import KVCacheManager
 from tinyserve.request import Request
 from tinyserve.scheduler.scheduler import Scheduler
 
-from .fake_runner import FakeRunner, reference_generation, run_to_completion
-
-VOCAB = 7  # small: prompts share prefixes, so the prefix cache takes part
-
-requests_st = st.lists(
-    st.tuples(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=24), st.integers(1, 12)),
-    min_size=1,
-    max_size=10,
+from .fake_runner import SMALL_VOCAB as VOCAB
+from .fake_runner import (
+    FakeRunner,
+    blocks_for_largest,
+    random_requests,
+    reference_generation,
+    run_to_completion,
 )
 
 
 @settings(max_examples=60, deadline=None)
 @given(
-    requests=requests_st,
+    requests=random_requests,
     block_size=st.integers(1, 5),
     extra_blocks=st.integers(0, 6),
     max_num_seqs=st.integers(1, 5),
@@ -42,8 +41,7 @@ def test_random_workloads_finish_with_reference_outputs(
     caching: bool,
     watermark: float,
 ) -> None:
-    largest = max(len(tokens) + max_tokens - 1 for tokens, max_tokens in requests)
-    num_blocks = -(-largest // block_size) + extra_blocks
+    num_blocks = blocks_for_largest(requests, block_size) + extra_blocks
     kv = KVCacheManager(
         CacheConfig(block_size=block_size, enable_prefix_caching=caching, watermark=watermark),
         num_blocks=num_blocks,
