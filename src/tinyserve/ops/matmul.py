@@ -135,6 +135,18 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
+def _like_x_error(name: str, t: object, x: torch.Tensor) -> Exception | None:
+    """Why `t` cannot stand beside x (a tensor of x's dtype on x's device); None when it can."""
+    if not isinstance(t, torch.Tensor):
+        return TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != x.dtype or t.device != x.device:
+        return TypeError(
+            f"{name} must be {_dtype_name(x.dtype)} on {x.device} like x, got "
+            f"{_dtype_name(t.dtype)} on {t.device}"
+        )
+    return None
+
+
 def _fusion_error(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -147,13 +159,8 @@ def _fusion_error(
     if norm_weight is not None:
         if silu:
             return ValueError("norm_weight and silu_input cannot be combined (one prologue per product)")
-        if not isinstance(norm_weight, torch.Tensor):
-            return TypeError(f"norm_weight must be a torch.Tensor, got {type(norm_weight).__name__}")
-        if norm_weight.dtype != x.dtype or norm_weight.device != x.device:
-            return TypeError(
-                f"norm_weight must be {_dtype_name(x.dtype)} on {x.device} like x, got "
-                f"{_dtype_name(norm_weight.dtype)} on {norm_weight.device}"
-            )
+        if (err := _like_x_error("norm_weight", norm_weight, x)) is not None:
+            return err
         if tuple(norm_weight.shape) != (k,) or not norm_weight.is_contiguous():
             return ValueError(
                 f"norm_weight must be a contiguous [{k}] tensor, got shape {tuple(norm_weight.shape)}"
@@ -161,13 +168,8 @@ def _fusion_error(
         if x.is_cuda and norm_weight.data_ptr() % 16:
             return ValueError("on CUDA, norm_weight must start on a 16-byte boundary (16-byte vector loads)")
     if residual is not None:
-        if not isinstance(residual, torch.Tensor):
-            return TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
-        if residual.dtype != x.dtype or residual.device != x.device:
-            return TypeError(
-                f"residual must be {_dtype_name(x.dtype)} on {x.device} like x, got "
-                f"{_dtype_name(residual.dtype)} on {residual.device}"
-            )
+        if (err := _like_x_error("residual", residual, x)) is not None:
+            return err
         if tuple(residual.shape) != (m, n) or not residual.is_contiguous():
             return ValueError(
                 f"residual must be a contiguous [{m}, {n}] tensor (num_tokens, out_features), got shape "
