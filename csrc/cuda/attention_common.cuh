@@ -178,8 +178,8 @@ struct KernelInfo {
 
 // Tensor-core kernel for float16/bfloat16 and head_dim 64 or 128; func == nullptr otherwise.
 // decode_mode: <= 16 query rows per sequence and KV head; prefill_mtiles: 16-row tiles per warp
-// (1: 64 query rows per block, 2: 128); decode_stages: K/V tiles buffered by the decode kernel (2, 3
-// or 4: the tiles in flight per block against shared memory, hence blocks, per SM).
+// (1: 64 query rows per block, 2: 128); decode_stages: K/V tiles buffered by the decode kernel (2 or
+// 3: the tiles in flight per block against shared memory, hence blocks, per SM).
 KernelInfo mma_kernel(DType dtype, int head_dim, bool decode_mode, int prefill_mtiles, int decode_stages);
 // CUDA-core kernel for any dtype and head_dim <= 256.
 KernelInfo simt_kernel(DType dtype, int head_dim);

@@ -416,11 +416,7 @@ KernelInfo info() {
 template <typename T, int D>
 KernelInfo pick_dim(bool decode_mode, int prefill_mtiles, int decode_stages) {
   if (decode_mode) {
-    switch (decode_stages) {
-      case 2: return info<T, D, true, 1, 2>();
-      case 4: return info<T, D, true, 1, 4>();
-      default: return info<T, D, true, 1, 3>();
-    }
+    return decode_stages == 2 ? info<T, D, true, 1, 2>() : info<T, D, true, 1, 3>();
   }
   return prefill_mtiles == 1 ? info<T, D, false, 1, 2>() : info<T, D, false, 2, 2>();
 }
