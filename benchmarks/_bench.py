@@ -5,24 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
-
-from _timing import time_cuda
+from tinyserve.runner import linear_tuning
 
 
 def time_graph(calls: Sequence[Callable[[], object]], repeat: int = 15) -> float:
-    """Median seconds per call of `calls`, captured back to back in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside the graph (first-call setup, allocator)
+    """Median seconds per call of `calls`, captured back to back in one CUDA graph (the runner's
+    graph timer, with three warm-up replays)."""
+
+    def all_calls() -> None:
         for fn in calls:
             fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    return time_cuda(graph.replay, warmup=3, repeat=repeat) / len(calls)
+
+    return linear_tuning.time_graph(all_calls, repeats=repeat, warmup=3) / len(calls)
 
 
 def fmt_time(seconds: float) -> str:

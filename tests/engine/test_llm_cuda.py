@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 
@@ -10,6 +11,15 @@ import pytest
 from tinyserve import SamplingParams
 
 pytestmark = pytest.mark.cuda
+
+
+def _free_gpu_memory() -> None:
+    """After `del llm`: collect the engine (reference cycles) and return its KV pool and graph
+    memory to the device, so that the next engine of a test sizes its pool from a clean card."""
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["graphs", "eager"])
@@ -28,12 +38,7 @@ def cuda_llm(request, stories260k_path):
     assert (llm.engine.runner.graphs is None) == request.param
     yield llm
     del llm
-    import gc
-
-    import torch
-
-    gc.collect()
-    torch.cuda.empty_cache()
+    _free_gpu_memory()
 
 
 def test_reference_greedy_on_cuda(cuda_llm, stories_reference):
@@ -98,12 +103,7 @@ def cuda_sync_llm(stories260k_path):
     )
     yield llm
     del llm
-    import gc
-
-    import torch
-
-    gc.collect()
-    torch.cuda.empty_cache()
+    _free_gpu_memory()
 
 
 def _mixed_workload(n: int, seed: int):
@@ -184,10 +184,6 @@ def test_async_prompt_logprobs_on_cuda(cuda_llm, cuda_sync_llm):
     ids=["preemption", "chunked-prefill"],
 )
 def test_async_equals_sync_with_a_small_pool_or_budget_on_cuda(stories260k_path, kwargs):
-    import gc
-
-    import torch
-
     from tinyserve import LLM
 
     prompts, params = _mixed_workload(12, seed=3)
@@ -201,8 +197,7 @@ def test_async_equals_sync_with_a_small_pool_or_budget_on_cuda(stories260k_path,
         if kwargs["num_kv_blocks"] == 7:
             assert llm.engine.stats().num_preemptions > 0
         del llm
-        gc.collect()
-        torch.cuda.empty_cache()
+        _free_gpu_memory()
     _assert_same(*outs)
 
 
@@ -257,10 +252,6 @@ def _same_up_to_near_ties(got, want, what: str, tol: float = 1e-3) -> None:
 def test_graph_length_bounds_match_eager(tmp_path):
     """Decode graphs are captured per context-length bound (1024, 2048 and 4096 here): sequences
     that cross the bounds while they decode, alone or batched, get the eager engine's tokens."""
-    import gc
-
-    import torch
-
     from tests.models.tiny_models import random_prompt, save_tiny_checkpoint
     from tinyserve import LLM
 
@@ -290,8 +281,7 @@ def test_graph_length_bounds_match_eager(tmp_path):
             for lens in batches
         ]
         del llm
-        gc.collect()
-        torch.cuda.empty_cache()
+        _free_gpu_memory()
     for lens, got, want in zip(batches, outs[False], outs[True], strict=True):
         for n, g, w in zip(lens, got, want, strict=True):
             _same_up_to_near_ties(g, w, f"prompt of {n} tokens in batch {lens}")
@@ -302,10 +292,6 @@ def test_fused_layers_match_unfused(tmp_path, monkeypatch):
     (TINYSERVE_FUSED_LAYERS=1) against graphs without them (=0): the same greedy tokens, alone and
     batched, or a near tie at the first difference (bf16 products summed in another order); and the
     default (auto) keeps exactly the batch sizes it measured faster fused."""
-    import gc
-
-    import torch
-
     from tests.models.tiny_models import random_prompt, save_tiny_checkpoint
     from tinyserve import LLM
 
@@ -338,8 +324,7 @@ def test_fused_layers_match_unfused(tmp_path, monkeypatch):
             for lens in batches
         ]
         del llm
-        gc.collect()
-        torch.cuda.empty_cache()
+        _free_gpu_memory()
     for lens, got, want in zip(batches, outs["1"], outs["0"], strict=True):
         for n, g, w in zip(lens, got, want, strict=True):
             what = f"bf16, fused vs unfused: prompt of {n} tokens in batch {lens}"

@@ -57,17 +57,19 @@ class LinearChoice:
         return self.skinny_s < (1.0 - MARGIN) * self.cublas_s
 
 
-def time_graph(fn, repeats: int = REPEATS) -> float:
-    """Median seconds of one replay of `fn` captured in a CUDA graph (on the current device)."""
+def time_graph(fn, repeats: int = REPEATS, warmup: int = 1) -> float:
+    """Median seconds of one replay of `fn` captured in a CUDA graph (on the current device), after
+    `warmup` untimed replays. fn runs once outside the capture first (lazy set-up, allocator)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn()  # warm-up outside the capture
+        fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    graph.replay()
+    for _ in range(warmup):
+        graph.replay()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
