@@ -11,6 +11,8 @@ import torch
 from tinyserve import ops
 from tinyserve.ops.reference import paged_attention_decode_ref, paged_attention_prefill_ref
 
+from .cuda_graph import capture
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # ‖out − ref‖ / ‖ref‖ bounds: float32 accumulation everywhere; 16-bit inputs are exact in the
@@ -443,25 +445,13 @@ def test_mixed_devices_raise():
 # ---- CUDA graphs ----------------------------------------------------------------------------------
 
 
-def _capture(fn) -> torch.cuda.CUDAGraph:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # warm-up: first-call setup happens outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_cuda_graph_replay(dtype):
     """Captured once with a fixed max_seq_len; replayed after lengths and tables change in place."""
     b = make_batch([4096, 4096, 4096], [1] * 3, 16, 4, 128, 16, dtype, "cuda", seed=31)
     out = torch.full_like(b.query, float("nan"))
-    graph = _capture(
+    graph, _ = capture(
         lambda: ops.paged_attention_decode(
             b.query,
             b.key_cache,
@@ -488,7 +478,7 @@ def test_decode_cuda_graph_replay(dtype):
 def test_prefill_cuda_graph_replay():
     b = make_batch([4000, 2000], [40, 24], 8, 2, 64, 16, torch.float16, "cuda", seed=37)
     out = torch.full_like(b.query, float("nan"))
-    graph = _capture(
+    graph, _ = capture(
         lambda: ops.paged_attention_prefill(
             b.query,
             b.key_cache,

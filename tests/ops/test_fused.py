@@ -15,6 +15,8 @@ from tinyserve.ops.reference import (
     silu_and_mul_ref,
 )
 
+from .cuda_graph import capture
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # ||out - ref|| / ||ref|| against the float64 reference: a few roundings to the dtype.
@@ -533,14 +535,7 @@ def test_fused_ops_capture_in_a_cuda_graph():
         ops.rotary_embedding(positions, q, k, cache, head_dim, qw, kw, 1e-6)
         ops.silu_and_mul(gate_up, out=act)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        layer()  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        layer()
+    graph, _ = capture(layer)
     for seed in (60, 70):
         inputs = [
             _randn(*t.shape, seed=seed + i, dtype=dtype, device=dev)

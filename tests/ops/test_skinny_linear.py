@@ -9,6 +9,8 @@ import torch
 
 from tinyserve import ops
 
+from .cuda_graph import capture
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.bfloat16, torch.float16]
 # ‖out − ref‖ / ‖ref‖ bounds: float32 sums rounded once to the dtype.
@@ -147,15 +149,7 @@ def test_skinny_linear_captures_in_a_cuda_graph():
     """Both kernels (<= 8 and 9-16 rows), with and without split-K, replayed on new inputs."""
     cases = [(1, 4100, 256, True), (8, 64, 4096, False), (12, 1000, 2056, True)]
     inputs = [_inputs(*c, torch.bfloat16, "cuda", seed=i) for i, c in enumerate(cases)]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside the graph
-        for x, w, b in inputs:
-            ops.skinny_linear(x, w, b)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = [ops.skinny_linear(x, w, b) for x, w, b in inputs]
+    graph, outs = capture(lambda: [ops.skinny_linear(x, w, b) for x, w, b in inputs])
     for x, _, _ in inputs:
         x.copy_(torch.randn_like(x))
     graph.replay()
@@ -301,14 +295,7 @@ def test_skinny_linear_fused_captures_and_ignores_launch_mode():
         for mode in (False, True):
             ops.set_programmatic_launch(mode)
             eager = chain()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                chain()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outs = chain()
+            graph, outs = capture(chain)
             graph.replay()
             torch.cuda.synchronize()
             for e, o in zip(eager, outs, strict=True):
