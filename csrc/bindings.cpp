@@ -94,6 +94,42 @@ void skinny_gemm(const TensorView& x, const TensorView& weight, std::optional<Te
   }
 }
 
+// hidden: None for the no-hidden form (see ops.h).
+void fused_mlp(std::optional<TensorView> hidden, const TensorView& residual, const TensorView& norm_weight,
+               const TensorView& gate_up, const TensorView& down, const TensorView& out, const TensorView& workspace,
+               float eps, uintptr_t stream) {
+  tinyserve::FusedMlpArgs args;
+  if (hidden) args.hidden = *hidden;
+  args.residual = residual;
+  args.norm_weight = norm_weight;
+  args.gate_up = gate_up;
+  args.down = down;
+  args.out = out;
+  args.workspace = workspace;
+  args.eps = eps;
+  if (out.is_cuda()) {
+#ifdef TINYSERVE_WITH_CUDA
+    tinyserve::cuda::fused_mlp(args, stream);
+#else
+    no_cuda("fused_mlp");
+#endif
+  } else {
+    tinyserve::cpu::fused_mlp(args);
+  }
+}
+
+bool fused_mlp_fits(int64_t rows, int64_t hidden, int64_t intermediate, int device) {
+  if (rows < 1 || rows > tinyserve::kFusedMlpMaxRows) return false;
+  if (device < 0) return true;  // the CPU twin takes any size
+#ifdef TINYSERVE_WITH_CUDA
+  return tinyserve::cuda::fused_mlp_fits(rows, hidden, intermediate, device);
+#else
+  (void)hidden;
+  (void)intermediate;
+  return false;
+#endif
+}
+
 void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
                        const TensorView& value_cache, const TensorView& slot_mapping, uintptr_t stream) {
   const tinyserve::ReshapeAndCacheArgs args{key, value, key_cache, value_cache, slot_mapping};
@@ -318,6 +354,13 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("device"), "Whether TinyServe's kernels launch with PDL on this CUDA device now.");
   m.attr("skinny_max_rows") = tinyserve::kSkinnyMaxRows;
+  m.def("fused_mlp", &fused_mlp, py::arg("hidden"), py::arg("residual"), py::arg("norm_weight"), py::arg("gate_up"),
+        py::arg("down"), py::arg("out"), py::arg("workspace"), py::arg("eps"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("fused_mlp_fits", &fused_mlp_fits, py::arg("rows"), py::arg("hidden"), py::arg("intermediate"),
+        py::arg("device"));
+  m.attr("fused_mlp_max_rows") = tinyserve::kFusedMlpMaxRows;
+  m.attr("fused_mlp_workspace_header") = tinyserve::kFusedMlpWorkspaceHeader;
   m.def("reshape_and_cache", &reshape_and_cache, py::arg("key"), py::arg("value"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("slot_mapping"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("paged_attention_decode", &paged_attention_decode, py::arg("query"), py::arg("key_cache"),

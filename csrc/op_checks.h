@@ -142,6 +142,32 @@ inline void check_skinny_gemm_args(const SkinnyGemmArgs& a) {
   }
 }
 
+inline void check_fused_mlp_args(const FusedMlpArgs& a) {
+  const TensorView &r = a.residual, &g = a.norm_weight, &gu = a.gate_up, &d = a.down, &out = a.out;
+  const bool has_hidden = a.hidden.data != nullptr;
+  check(r.ndim == 2 && g.ndim == 1 && gu.ndim == 2 && d.ndim == 2 && out.ndim == 2,
+        "fused_mlp: residual [m, H], norm_weight [H], gate_up [2I, H], down [H, I] and out [m, H] must be "
+        "2-D (norm_weight 1-D)");
+  check(r.dtype == DType::kFloat16 || r.dtype == DType::kBFloat16,
+        std::string("fused_mlp: unsupported dtype ") + dtype_name(r.dtype) + "; supported: float16, bfloat16");
+  const int64_t m = r.size(0), h = r.size(1), inter = d.size(1);
+  check(m <= kFusedMlpMaxRows, "fused_mlp: " + std::to_string(m) + " rows; at most " +
+                                   std::to_string(kFusedMlpMaxRows) + " are supported");
+  check(h % 8 == 0 && inter % 8 == 0, "fused_mlp: H = " + std::to_string(h) + " and I = " + std::to_string(inter) +
+                                          " must be multiples of 8");
+  check(g.size(0) == h && gu.size(0) == 2 * inter && gu.size(1) == h && d.size(0) == h && out.size(0) == m &&
+            out.size(1) == h,
+        "fused_mlp: shapes must be residual [m, H], norm_weight [H], gate_up [2I, H], down [H, I], out [m, H]");
+  const TensorView* all[] = {&r, &g, &gu, &d, &out, has_hidden ? &a.hidden : &r};
+  for (const TensorView* t : all) {
+    check(t->dtype == r.dtype && t->device == r.device && t->is_contiguous(),
+          "fused_mlp: all tensors must be contiguous, of one dtype, on one device");
+  }
+  if (has_hidden) {
+    check(a.hidden.ndim == 2 && a.hidden.size(0) == m && a.hidden.size(1) == h, "fused_mlp: hidden must be [m, H]");
+  }
+}
+
 // A [num_seqs] per-row parameter of the sampling ops: 1-D (any stride), the given dtype, on `device`.
 inline void check_row_param(const char* op, const char* name, const TensorView& t, int64_t num_seqs, DType dtype,
                             int32_t device) {

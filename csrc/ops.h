@@ -63,6 +63,47 @@ bool programmatic_launch_enabled(int device);
 }  // namespace cuda
 #endif
 
+// ---- fused MLP block for decode (Python side: tinyserve/ops/matmul.py fused_mlp) ----
+
+// The second half of a decoder layer at a few token rows, as one op (float16/bfloat16, float32
+// accumulation, every intermediate rounded where the unfused ops store it):
+//   r = residual + hidden (rounded; written back into residual), or residual alone without hidden
+//   x = RMSNorm(r) with norm_weight and eps           (RMSNorm's rounding)
+//   [g | u] = x . gate_up^T, gate_up [2I, H]          (each rounded, as the product's output)
+//   a = silu(g) * u                                    (SiluAndMul's rounding)
+//   y = a . down^T, down [H, I]                        (rounded)
+//   out = y with hidden, else out = residual + y (rounded as the unfused add)
+// m <= kFusedMlpMaxRows rows of H; all tensors contiguous. With hidden, out may be hidden itself;
+// without, out may be residual itself; otherwise out overlaps no input.
+// CUDA: one kernel with a grid-wide barrier between the two products (every block must be resident
+// at once: the launch is sized so). Its products run on CUDA cores, which suits one or two rows. `workspace` (uint8, at least
+// fused_mlp_workspace_bytes) holds the barrier's two counters, zero before a launch and left zero
+// after it, and the [m, I] buffer of a. The CPU twin ignores it.
+constexpr int64_t kFusedMlpMaxRows = 2;
+constexpr int64_t kFusedMlpWorkspaceHeader = 256;  // bytes before the buffer of a
+
+struct FusedMlpArgs {
+  TensorView hidden;  // data == nullptr: none
+  TensorView residual, norm_weight, gate_up, down, out, workspace;
+  float eps = 0.f;
+};
+
+inline int64_t fused_mlp_workspace_bytes(int64_t rows, int64_t intermediate, int64_t elem_bytes) {
+  return kFusedMlpWorkspaceHeader + rows * intermediate * elem_bytes;
+}
+
+namespace cpu {
+void fused_mlp(const FusedMlpArgs& args);
+}  // namespace cpu
+
+#ifdef TINYSERVE_WITH_CUDA
+namespace cuda {
+void fused_mlp(const FusedMlpArgs& args, uintptr_t stream);
+// Whether the CUDA kernel takes m rows of these sizes on `device` (its shared memory holds x and a).
+bool fused_mlp_fits(int64_t rows, int64_t hidden, int64_t intermediate, int device);
+}  // namespace cuda
+#endif
+
 // ---- paged KV cache and attention (issue 4; Python side: tinyserve/ops/cache.py, attention.py) ----
 
 // key, value [num_tokens, num_kv_heads, head_dim] -> key_cache, value_cache

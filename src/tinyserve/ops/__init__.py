@@ -11,7 +11,17 @@ from typing import Any
 
 from .attention import paged_attention_decode, paged_attention_prefill
 from .cache import reshape_and_cache
-from .fused import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
+from .fused import (
+    FUSED_MLP_MAX_ROWS,
+    fused_add_rms_norm,
+    fused_mlp,
+    fused_mlp_supported,
+    fused_mlp_workspace,
+    fused_mlp_workspace_bytes,
+    rms_norm,
+    rotary_embedding,
+    silu_and_mul,
+)
 from .matmul import (
     SKINNY_MAX_ROWS,
     matmul,
@@ -36,11 +46,16 @@ def cuda_kernels_available() -> bool:
 
 
 __all__ = [
+    "FUSED_MLP_MAX_ROWS",
     "SKINNY_MAX_ROWS",
     "build_info",
     "cuda_kernels_available",
     "exponential_noise",
     "fused_add_rms_norm",
+    "fused_mlp",
+    "fused_mlp_supported",
+    "fused_mlp_workspace",
+    "fused_mlp_workspace_bytes",
     "matmul",
     "programmatic_launch_enabled",
     "set_programmatic_launch",

@@ -254,3 +254,151 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     if out.numel():
         _C.silu_and_mul(view(x), view(out), stream_of(x))
     return out
+
+
+FUSED_MLP_MAX_ROWS: int = _C.fused_mlp_max_rows
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def fused_mlp_workspace_bytes(rows: int, intermediate: int, dtype: torch.dtype) -> int:
+    """Bytes of a `fused_mlp` workspace for up to `rows` rows of `intermediate` in `dtype`."""
+    return _C.fused_mlp_workspace_header + rows * intermediate * torch.tensor([], dtype=dtype).element_size()
+
+
+def fused_mlp_workspace(
+    rows: int, intermediate: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A workspace for `fused_mlp` of up to `rows` rows: uint8, zeroed (its barrier counters must
+    start at zero; the kernel leaves them so). Allocate it once, outside CUDA-graph capture."""
+    return torch.zeros(fused_mlp_workspace_bytes(rows, intermediate, dtype), dtype=torch.uint8, device=device)
+
+
+def fused_mlp_supported(
+    rows: int, hidden: int, intermediate: int, dtype: torch.dtype, device: torch.device
+) -> bool:
+    """Whether `fused_mlp` takes `rows` rows of these sizes in this dtype on this device (CUDA: the
+    extension holds the kernel and its shared memory holds a row block)."""
+    if dtype not in _HALF_DTYPES or hidden % 8 or intermediate % 8:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda" and not _C.build_info()["cuda"]:
+        return False
+    index = (
+        -1
+        if device.type == "cpu"
+        else (device.index if device.index is not None else torch.cuda.current_device())
+    )
+    return bool(_C.fused_mlp_fits(rows, hidden, intermediate, index))
+
+
+def _disjoint(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 + a.numel() * a.element_size() <= b0 or b0 + b.numel() * b.element_size() <= a0
+
+
+def fused_mlp(
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    gate_up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    workspace: torch.Tensor,
+    hidden: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The second half of a pre-norm SwiGLU decoder layer at decode sizes, as one kernel on CUDA:
+
+        with hidden:    residual += hidden (in place); returns down(silu(gate) * up) of RMSNorm(residual)
+        without hidden: residual += down(silu(gate) * up) of RMSNorm(residual) (in place); returns residual
+
+    Every intermediate is rounded to the dtype where the unfused ops (fused_add_rms_norm, the
+    gate_up product, silu_and_mul, the down product, the residual add) store it, so the results
+    match them up to the products' summation order.
+
+    Args:
+        residual: [m, H], 1 <= m <= FUSED_MLP_MAX_ROWS, float16 or bfloat16, contiguous.
+        norm_weight: [H], the post-attention RMSNorm's weight; eps its epsilon.
+        gate_up_weight: [2I, H], the gate rows then the up rows (MergedLinear's layout).
+        down_weight: [H, I].
+        workspace: from `fused_mlp_workspace` for at least m rows of I (CUDA; unused on the CPU).
+        hidden: optional [m, H], the attention block's output.
+        out: where the product goes with hidden (default: hidden itself, overwritten); must be None
+            without hidden (the result goes into residual).
+    All tensors on one device, of residual's dtype, contiguous.
+    """
+    _check_float("residual", residual)
+    if residual.dtype not in _HALF_DTYPES:
+        raise TypeError(f"residual has dtype {_name(residual.dtype)}; fused_mlp supports float16, bfloat16")
+    if residual.dim() != 2 or not residual.is_contiguous():
+        raise ValueError(
+            f"residual must be a contiguous 2-D [m, H] tensor, got shape {tuple(residual.shape)}"
+        )
+    m, h = residual.shape
+    if not 1 <= m <= FUSED_MLP_MAX_ROWS:
+        raise ValueError(f"fused_mlp takes 1 to {FUSED_MLP_MAX_ROWS} rows, got {m}")
+    _check_weight("norm_weight", norm_weight, residual, "residual")
+    for name, w in (("gate_up_weight", gate_up_weight), ("down_weight", down_weight)):
+        _check_like(name, w, residual, "residual", same_shape=False)
+        if w.dim() != 2 or not w.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous 2-D tensor, got shape {tuple(w.shape)}")
+    inter = down_weight.shape[1]
+    if down_weight.shape[0] != h or tuple(gate_up_weight.shape) != (2 * inter, h):
+        raise ValueError(
+            f"with residual [m, {h}], down_weight must be [{h}, I] and gate_up_weight [2I, {h}]; got "
+            f"down_weight {tuple(down_weight.shape)}, gate_up_weight {tuple(gate_up_weight.shape)}"
+        )
+    if h % 8 or inter % 8:
+        raise ValueError(f"H = {h} and I = {inter} must be multiples of 8")
+    if hidden is None:
+        if out is not None:
+            raise ValueError("without hidden the result is added into residual; out must be None")
+        out = residual
+    else:
+        _check_like("hidden", hidden, residual, "residual")
+        if not hidden.is_contiguous() or not _disjoint(hidden, residual):
+            raise ValueError("hidden must be contiguous and must not overlap residual")
+        if out is None:
+            out = hidden
+        else:
+            _check_like("out", out, residual, "residual")
+            if not out.is_contiguous():
+                raise ValueError("out must be contiguous")
+            if out.data_ptr() != hidden.data_ptr() and not (
+                _disjoint(out, hidden) and _disjoint(out, residual)
+            ):
+                raise ValueError("out must be hidden itself or overlap none of hidden and residual")
+    for name, w in (
+        ("norm_weight", norm_weight),
+        ("gate_up_weight", gate_up_weight),
+        ("down_weight", down_weight),
+    ):
+        if not _disjoint(w, out):
+            raise ValueError(f"{name} must not overlap the output")
+    if residual.is_cuda:
+        check_tensor("workspace", workspace)
+        need = fused_mlp_workspace_bytes(m, inter, residual.dtype)
+        if workspace.dtype != torch.uint8 or workspace.dim() != 1 or workspace.device != residual.device:
+            raise ValueError(
+                f"workspace must be a 1-D uint8 tensor on {residual.device} (fused_mlp_workspace)"
+            )
+        if workspace.numel() < need:
+            raise ValueError(
+                f"workspace holds {workspace.numel()} bytes; {m} rows of I = {inter} need {need}"
+            )
+        if not fused_mlp_supported(m, h, inter, residual.dtype, residual.device):
+            raise ValueError(
+                f"fused_mlp: {m} rows of H = {h}, I = {inter} do not fit the CUDA kernel's shared memory "
+                "on this device (or the extension was built without CUDA)"
+            )
+    _C.fused_mlp(
+        None if hidden is None else view(hidden),
+        view(residual),
+        view(norm_weight),
+        view(gate_up_weight),
+        view(down_weight),
+        view(out),
+        view(workspace),
+        float(eps),
+        stream_of(residual),
+    )
+    return out

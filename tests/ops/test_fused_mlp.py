@@ -1,0 +1,185 @@
+"""ops.fused_mlp (the decoder layer's residual add, RMSNorm, gate/up product, SiLU-and-mul, down
+product and output add in one op) against the unfused ops and a float64 reference, on the CPU twin
+and CUDA; its grid barrier's counters, CUDA-graph replay and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyserve import ops
+
+from .cuda_graph import capture
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+EPS = 1e-6
+
+
+def _weights(h: int, inter: int, dtype: torch.dtype, device: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    norm = (1 + 0.1 * torch.randn(h, generator=g)).to(dtype)
+    gate_up = (torch.randn(2 * inter, h, generator=g) * h**-0.5).to(dtype)
+    down = (torch.randn(h, inter, generator=g) * inter**-0.5).to(dtype)
+    return norm.to(device), gate_up.to(device), down.to(device)
+
+
+def _stream(m: int, h: int, dtype: torch.dtype, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, h, generator=g).to(dtype).to(device), torch.randn(m, h, generator=g).to(dtype).to(
+        device
+    )
+
+
+def _unfused(residual, hidden, norm, gate_up, down):
+    """The unfused ops in the decoder layer's order: (mlp output, new residual)."""
+    residual, hidden = residual.clone(), hidden.clone() if hidden is not None else None
+    if hidden is None:
+        x = ops.rms_norm(residual, norm, EPS)
+    else:
+        ops.fused_add_rms_norm(hidden, residual, norm, EPS)
+        x = hidden
+    y = F.linear(ops.silu_and_mul(F.linear(x, gate_up)), down)
+    return y, residual
+
+
+def _float64(residual, hidden, norm, gate_up, down):
+    r = residual.double() + (hidden.double() if hidden is not None else 0)
+    x = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + EPS) * norm.double()
+    gu = x @ gate_up.double().T
+    inter = down.shape[1]
+    return (F.silu(gu[:, :inter]) * gu[:, inter:]) @ down.double().T, r
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float) -> None:
+    err = (got.double() - want.double()).abs().max().item()
+    scale = want.double().abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} against max |value| {scale:.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("m", "h", "inter"), [(1, 1024, 3072), (2, 200, 328), (1, 256, 1024), (2, 64, 2056), (1, 2048, 14336)]
+)
+@pytest.mark.parametrize("with_hidden", [True, False])
+def test_matches_unfused_ops(device, dtype, m, h, inter, with_hidden) -> None:
+    norm, gate_up, down = _weights(h, inter, dtype, device, seed=m + h)
+    residual, hidden = _stream(m, h, dtype, device, seed=inter)
+    if not with_hidden:
+        hidden = None
+    y_ref, r_ref = _unfused(residual, hidden, norm, gate_up, down)
+    y64, r64 = _float64(residual, hidden, norm, gate_up, down)
+    workspace = ops.fused_mlp_workspace(m, inter, dtype, device)
+    res, hid = residual.clone(), hidden.clone() if hidden is not None else None
+    out = ops.fused_mlp(res, norm, EPS, gate_up, down, workspace, hidden=hid)
+    what = f"{device} {dtype} m={m} H={h} I={inter} hidden={with_hidden}"
+    if with_hidden:
+        assert out.data_ptr() == hid.data_ptr()  # in place by default
+        assert torch.equal(res, r_ref), what  # the residual add rounds exactly as the unfused one
+        _close(out, y_ref, what + " vs unfused", 2e-2)
+        _close(out, y64, what + " vs float64", 4e-2)
+    else:
+        assert out.data_ptr() == res.data_ptr()
+        _close(out, r_ref + y_ref, what + " vs unfused", 2e-2)
+        _close(out, r64 + y64, what + " vs float64", 4e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_separate_out(device) -> None:
+    norm, gate_up, down = _weights(128, 256, torch.bfloat16, device, seed=1)
+    residual, hidden = _stream(2, 128, torch.bfloat16, device, seed=2)
+    y_ref, r_ref = _unfused(residual, hidden, norm, gate_up, down)
+    out = torch.full_like(hidden, 7.0)
+    hid = hidden.clone()
+    got = ops.fused_mlp(
+        residual,
+        norm,
+        EPS,
+        gate_up,
+        down,
+        ops.fused_mlp_workspace(2, 256, torch.bfloat16, device),
+        hidden=hid,
+        out=out,
+    )
+    assert got is out and torch.equal(hid, hidden)  # hidden is only read
+    assert torch.equal(residual, r_ref)
+    _close(out, y_ref, "separate out", 2e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_repeated_calls_and_graph_replay() -> None:
+    """The grid barrier's counters are zero after every launch, so back-to-back launches (as the
+    layers of one step make) and graph replays give the eager result every time."""
+    dtype, device, m, h, inter = torch.bfloat16, "cuda", 2, 1024, 3072
+    layers = [_weights(h, inter, dtype, device, seed=s) for s in range(3)]
+    residual0, hidden0 = _stream(m, h, dtype, device, seed=5)
+    workspace = ops.fused_mlp_workspace(m, inter, dtype, device)
+
+    def step(residual: torch.Tensor) -> torch.Tensor:
+        for norm, gate_up, down in layers:
+            ops.fused_mlp(residual, norm, EPS, gate_up, down, workspace)
+        return residual
+
+    eager = step(residual0.clone())
+    torch.cuda.synchronize()
+    assert int(workspace[:8].count_nonzero()) == 0
+    for _ in range(3):
+        assert torch.equal(step(residual0.clone()), eager)  # deterministic: fixed summation order
+    stream = residual0.clone()
+    graph, result = capture(lambda: step(stream))
+    for _ in range(3):
+        stream.copy_(residual0)
+        graph.replay()
+        assert torch.equal(result, eager)
+    torch.cuda.synchronize()
+    assert int(workspace[:8].count_nonzero()) == 0
+    # with hidden, against the unfused ops, after the graph runs
+    norm, gate_up, down = layers[0]
+    res, hid = residual0.clone(), hidden0.clone()
+    y_ref, r_ref = _unfused(residual0, hidden0, norm, gate_up, down)
+    ops.fused_mlp(res, norm, EPS, gate_up, down, workspace, hidden=hid)
+    assert torch.equal(res, r_ref)
+    _close(hid, y_ref, "after graph", 2e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_supported_sizes() -> None:
+    """The kernel keeps x and a of every row in shared memory as floats: Llama-3-8B's MLP fits at 1
+    and 2 rows; an intermediate of 32,768 at 2 rows (256 KB) does not, and that is refused with a
+    clear error."""
+    assert ops.fused_mlp_supported(1, 4096, 14336, torch.bfloat16, "cuda")
+    assert ops.fused_mlp_supported(2, 4096, 14336, torch.bfloat16, "cuda")
+    assert not ops.fused_mlp_supported(2, 1024, 32768, torch.bfloat16, "cuda")
+    assert not ops.fused_mlp_supported(1, 1024, 3072, torch.float32, "cuda")
+    assert not ops.fused_mlp_supported(3, 1024, 3072, torch.bfloat16, "cuda")
+    norm, gate_up, down = _weights(1024, 32768, torch.bfloat16, "cuda", seed=3)
+    residual, _ = _stream(2, 1024, torch.bfloat16, "cuda", seed=4)
+    ws = ops.fused_mlp_workspace(2, 32768, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match="shared memory"):
+        ops.fused_mlp(residual, norm, EPS, gate_up, down, ws)
+
+
+def test_bad_input() -> None:
+    dtype = torch.bfloat16
+    norm, gate_up, down = _weights(64, 96, dtype, "cpu", seed=0)
+    residual, hidden = _stream(2, 64, dtype, "cpu", seed=0)
+    ws = ops.fused_mlp_workspace(2, 96, dtype, "cpu")
+    with pytest.raises(ValueError, match="1 to 2 rows"):
+        ops.fused_mlp(torch.zeros(3, 64, dtype=dtype), norm, EPS, gate_up, down, ws)
+    with pytest.raises(TypeError, match="float16, bfloat16"):
+        ops.fused_mlp(residual.float(), norm.float(), EPS, gate_up.float(), down.float(), ws)
+    with pytest.raises(ValueError, match="gate_up_weight"):
+        ops.fused_mlp(residual, norm, EPS, gate_up[:100], down, ws)
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        ops.fused_mlp(residual, norm[:32], EPS, gate_up, down, ws)
+    with pytest.raises(ValueError, match="out must be None"):
+        ops.fused_mlp(residual, norm, EPS, gate_up, down, ws, out=hidden)
+    with pytest.raises(ValueError, match="must not overlap residual"):
+        ops.fused_mlp(residual, norm, EPS, gate_up, down, ws, hidden=residual)
+    with pytest.raises(ValueError, match="overlap none"):
+        ops.fused_mlp(residual, norm, EPS, gate_up, down, ws, hidden=hidden, out=residual)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.fused_mlp(residual, norm, EPS, gate_up.T.contiguous().T, down, ws)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.fused_mlp(residual, norm, EPS, gate_up.half(), down, ws)
