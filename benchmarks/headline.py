@@ -126,13 +126,15 @@ def print_linear_choices(llm: LLM) -> None:
             flush=True,
         )
     graphs = runner.graphs
+    names = {
+        (False, False): "unfused",
+        (True, False): "fused",
+        (False, True): "unfused + fused MLP",
+        (True, True): "fused + fused MLP",
+    }
     for c in [] if graphs is None else graphs.fused_choices:
-        pick = "fused" if c.fused else "unfused"
-        print(
-            f"  decode step at {c.batch_size} seqs: unfused layers {c.unfused_s * 1e6:.0f} us, "
-            f"fused {c.fused_s * 1e6:.0f} us -> {pick}",
-            flush=True,
-        )
+        times = ", ".join(f"{names[form]} {t * 1e6:.0f} us" for form, t in c.times.items())
+        print(f"  decode step at {c.batch_size} seqs: {times} -> {names[c.form]}", flush=True)
 
 
 def harness_limit(prompts, max_tokens, steps: int, wbytes: int, kv_tok: int, bw: float) -> tuple[float, str]:

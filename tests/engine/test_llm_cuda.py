@@ -299,6 +299,7 @@ def test_fused_layers_match_unfused(tmp_path, monkeypatch):
     batches = [[7], [40, 100, 3, 65, 17]]
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=2)
     outs = {}
+    monkeypatch.setenv("TINYSERVE_FUSED_MLP", "0")  # the layer forms only (the fused MLP: below)
     for mode in ("0", "1", "auto"):
         monkeypatch.setenv("TINYSERVE_FUSED_LAYERS", mode)
         llm = LLM(
@@ -319,6 +320,8 @@ def test_fused_layers_match_unfused(tmp_path, monkeypatch):
             assert [c.batch_size for c in graphs.fused_choices] == [1, 2, 4, 8, 16]
             assert all(c.unfused_s > 0 and c.fused_s > 0 for c in graphs.fused_choices)
             assert fused_rows == frozenset(c.batch_size for c in graphs.fused_choices if c.fused)
+            mlp_rows = llm.engine.runner.model.model.mlp_rows
+            assert mlp_rows == frozenset(c.batch_size for c in graphs.fused_choices if c.fused_mlp)
         outs[mode] = [
             llm.generate([{"prompt_token_ids": random_prompt(n, n)} for n in lens], params, use_tqdm=False)
             for lens in batches
@@ -328,4 +331,40 @@ def test_fused_layers_match_unfused(tmp_path, monkeypatch):
     for lens, got, want in zip(batches, outs["1"], outs["0"], strict=True):
         for n, g, w in zip(lens, got, want, strict=True):
             what = f"bf16, fused vs unfused: prompt of {n} tokens in batch {lens}"
+            _same_up_to_near_ties(g, w, what, tol=0.1)
+
+
+def test_fused_mlp_matches_plain(tmp_path, monkeypatch):
+    """bf16 decode graphs with the fused MLP (TINYSERVE_FUSED_MLP=1: batch sizes 1 and 2,
+    plain layers otherwise) against graphs without it (=0): the same greedy tokens, alone and batched,
+    or a near tie at the first difference."""
+    from tests.models.tiny_models import random_prompt, save_tiny_checkpoint
+    from tinyserve import LLM
+
+    save_tiny_checkpoint("qwen3", tmp_path, seed=4)
+    batches = [[9], [40, 100]]
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=2)
+    outs = {}
+    monkeypatch.setenv("TINYSERVE_FUSED_LAYERS", "0")
+    for mode in ("0", "1"):
+        monkeypatch.setenv("TINYSERVE_FUSED_MLP", mode)
+        llm = LLM(
+            str(tmp_path),
+            device="cuda",
+            dtype="bfloat16",
+            max_num_seqs=16,
+            num_kv_blocks=256,
+            skip_tokenizer_init=True,
+        )
+        mlp_rows = llm.engine.runner.model.model.mlp_rows
+        assert mlp_rows == (frozenset({1, 2}) if mode == "1" else frozenset())
+        outs[mode] = [
+            llm.generate([{"prompt_token_ids": random_prompt(n, n)} for n in lens], params, use_tqdm=False)
+            for lens in batches
+        ]
+        del llm
+        _free_gpu_memory()
+    for lens, got, want in zip(batches, outs["1"], outs["0"], strict=True):
+        for n, g, w in zip(lens, got, want, strict=True):
+            what = f"bf16, fused MLP vs plain: prompt of {n} tokens in batch {lens}"
             _same_up_to_near_ties(g, w, what, tol=0.1)

@@ -67,3 +67,67 @@ def test_fused_needs_half_precision(family) -> None:
     _, _, path = family
     model, _ = load_model(path, device="cpu", dtype=torch.float32)
     assert not model.model.fused_supported(1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused_layers", [False, True], ids=["unfused-layers", "fused-layers"])
+def test_fused_mlp_step_matches_plain(family, device, fused_layers) -> None:
+    """One batched decode step (2 sequences) with the post-attention norm and MLP as one op
+    (LlamaMLP.fused), in the unfused and the fused layer form, against the plain unfused layers
+    from the same KV cache: the logits agree to bf16 rounding of the products, and so do the picks."""
+    name, _, path = family
+    model, _ = load_model(path, device=device, dtype=torch.bfloat16)
+    inner = model.model
+    assert inner.mlp_rows == frozenset()
+    if model.arch_config.mlp_bias:  # the fused MLP has no bias terms: such models keep the plain MLP
+        assert not inner.fused_mlp_supported(2)
+        with pytest.raises(ValueError, match="does not take"):
+            inner.use_fused_mlp(frozenset({2}))
+        return
+    assert inner.fused_mlp_supported(2) and not inner.fused_mlp_supported(3)
+    runner = PagedRunner(model, num_blocks=32, block_size=16)
+    prompts = {i: random_prompt(n, seed=n) for i, n in enumerate((6, 33))}
+    logits = runner.step(list(prompts.items()))
+    ends = torch.tensor([len(p) for p in prompts.values()]).cumsum(0) - 1
+    firsts = logits[ends.to(logits.device)].argmax(-1).tolist()
+    batch = [(i, [int(t)]) for i, t in zip(prompts, firsts, strict=True)]
+
+    plain = runner.step(batch)
+    for i in prompts:  # the same step again, from the same cache
+        runner.num_cached[i] -= 1
+    inner.use_fused_mlp(frozenset({2}))
+    inner.fused_rows = frozenset({2} if fused_layers else ())
+    try:
+        fused = runner.step(batch)
+    finally:
+        inner.use_fused_mlp(frozenset())
+        inner.fused_rows = frozenset()
+    assert rel_err(fused, plain) < 2e-2, name
+    top_f, top_p = fused.topk(2, dim=-1), plain.topk(2, dim=-1)
+    for row in range(2):
+        a, b = int(top_f.indices[row, 0]), int(top_p.indices[row, 0])
+        assert a == b or b in top_f.indices[row].tolist(), f"{name} row {row}: fused MLP {a}, plain {b}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_mlp_greedy_matches_transformers(family, device) -> None:
+    """Greedy decoding with every decode step's MLP fused (unfused layers): transformers' tokens in
+    bf16, or a near tie at the first difference."""
+    name, hf_model, path = family
+    hf = copy.deepcopy(hf_model).to(device, torch.bfloat16)
+    model, _ = load_model(path, device=device, dtype=torch.bfloat16)
+    if model.arch_config.mlp_bias:
+        pytest.skip(f"{name} has MLP biases, which the fused MLP does not take (see the test above)")
+    model.model.use_fused_mlp(frozenset({1}))
+    prompt = random_prompt(13, seed=9)
+    tokens, step_logits = PagedRunner(model, num_blocks=16, block_size=16, seed=2).greedy(0, prompt, 24)
+    check_greedy_close(hf, prompt, tokens, step_logits, f"{name} fused MLP bf16 on {device}")
+
+
+def test_fused_mlp_refuses_what_it_cannot_take(family) -> None:
+    """float32 models never take the fused MLP, and asking for it is a clear error."""
+    _, _, path = family
+    model, _ = load_model(path, device="cpu", dtype=torch.float32)
+    assert not model.model.fused_mlp_supported(1)
+    with pytest.raises(ValueError, match="does not take"):
+        model.model.use_fused_mlp(frozenset({1}))

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tinyserve import ops
 from tinyserve.layers.activation import SiluAndMul
 from tinyserve.layers.attention import Attention, AttentionMetadata
 from tinyserve.layers.embedding import LMHead, VocabEmbedding
@@ -66,6 +67,22 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))  # [num_tokens, hidden_size]
 
+    def fused(
+        self, hidden: torch.Tensor | None, residual: torch.Tensor, norm: RMSNorm, workspace: torch.Tensor
+    ) -> torch.Tensor:
+        """norm, this MLP and the residual adds around it as one op (ops.fused_mlp). With hidden (the
+        attention block's output): residual += hidden in place, and the MLP output is written over
+        hidden and returned. Without: residual += MLP(norm(residual)) in place, residual returned."""
+        gate_up, down = self.gate_up_proj.weight, self.down_proj.weight
+        return ops.fused_mlp(residual, norm.weight, norm.eps, gate_up, down, workspace, hidden)
+
+    def fused_supported(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether `fused` takes `rows` token rows (no biases; sizes, dtype and device the op takes)."""
+        if self.gate_up_proj.bias is not None or self.down_proj.bias is not None:
+            return False
+        h, inter = self.down_proj.output_size, self.down_proj.input_size
+        return ops.fused_mlp_supported(rows, h, inter, dtype, device)
+
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype) -> None:
@@ -76,16 +93,30 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, dtype)
 
     def forward(
-        self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: BoundRope, md: AttentionMetadata
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: BoundRope,
+        md: AttentionMetadata,
+        mlp_workspace: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden, residual) -> (hidden, residual); their sum is the layer's output stream.
+        """(hidden, residual) -> (hidden, residual); their sum is the layer's output stream. With
+        `mlp_workspace`, the post-attention norm and the MLP run as one op (LlamaMLP.fused).
         NOTE: the norms update hidden and residual in place."""
         hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, rope, md)
+        if mlp_workspace is not None:
+            return self.mlp.fused(hidden, residual, self.post_attention_layernorm, mlp_workspace), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
-    def forward_fused(self, residual: torch.Tensor, rope: BoundRope, md: AttentionMetadata) -> None:
+    def forward_fused(
+        self,
+        residual: torch.Tensor,
+        rope: BoundRope,
+        md: AttentionMetadata,
+        mlp_workspace: torch.Tensor | None = None,
+    ) -> None:
         """The layer at decode sizes as four skinny products and the attention: the norms ride in the
         qkv and gate_up products, SiLU-and-mul in down, and o and down add their output to the
         residual stream [num_tokens, hidden_size], which is updated in place. Same values as
@@ -93,6 +124,9 @@ class LlamaDecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         qkv = attn.qkv_proj.fused(residual, norm=self.input_layernorm)
         attn.o_proj.fused(attn.attend(qkv, rope, md), residual=residual)
+        if mlp_workspace is not None:
+            mlp.fused(None, residual, self.post_attention_layernorm, mlp_workspace)
+            return
         gate_up = mlp.gate_up_proj.fused(residual, norm=self.post_attention_layernorm)
         mlp.down_proj.fused(gate_up, silu_input=True, residual=residual)
 
@@ -122,6 +156,10 @@ class LlamaModel(nn.Module):
         # Token counts whose forward runs the fused decoder layers (LlamaDecoderLayer.forward_fused):
         # chosen per card by the runner where they are measured faster; empty until then.
         self.fused_rows: frozenset[int] = frozenset()
+        # Token counts whose decoder layers run the post-attention norm and the MLP as one op
+        # (LlamaMLP.fused), and its workspace: set by the runner through use_fused_mlp().
+        self.mlp_rows: frozenset[int] = frozenset()
+        self._mlp_workspace: torch.Tensor | None = None
 
     def fused_supported(self, num_tokens: int) -> bool:
         """Whether the fused decoder layers take a step of num_tokens tokens (shapes, dtype, device)."""
@@ -129,18 +167,39 @@ class LlamaModel(nn.Module):
         probe = torch.empty((num_tokens, weight.shape[0]), dtype=weight.dtype, device=weight.device)
         return all(layer.fused_supported(probe) for layer in self.layers)
 
+    def fused_mlp_supported(self, num_tokens: int) -> bool:
+        """Whether every layer's MLP runs as one op (LlamaMLP.fused) at num_tokens tokens."""
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        return all(layer.mlp.fused_supported(num_tokens, dtype, device) for layer in self.layers)
+
+    def use_fused_mlp(self, rows: frozenset[int]) -> None:
+        """Run the fused MLP at these token counts (each must be fused_mlp_supported). Allocates its
+        workspace: call outside CUDA-graph capture."""
+        bad = sorted(r for r in rows if not self.fused_mlp_supported(r))
+        if bad:
+            raise ValueError(f"the fused MLP does not take {bad} token rows for this model and device")
+        if rows:
+            weight = self.norm.weight
+            inter = max(layer.mlp.down_proj.input_size for layer in self.layers)
+            size = ops.fused_mlp_workspace_bytes(max(rows), inter, weight.dtype)
+            if self._mlp_workspace is None or self._mlp_workspace.numel() < size:
+                self._mlp_workspace = ops.fused_mlp_workspace(max(rows), inter, weight.dtype, weight.device)
+        self.mlp_rows = frozenset(rows)
+
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
         rope = self.rotary_emb.at(positions)  # bound once, used by every layer
-        if input_ids.shape[0] in self.fused_rows:
+        num_tokens = input_ids.shape[0]
+        mlp_ws = self._mlp_workspace if num_tokens in self.mlp_rows else None
+        if num_tokens in self.fused_rows:
             for layer in self.layers:
-                layer.forward_fused(hidden, rope, md)  # hidden is the residual stream, updated in place
+                layer.forward_fused(hidden, rope, md, mlp_ws)  # hidden is the residual stream, in place
             return self.norm.normalize(hidden)
         residual: torch.Tensor | None = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, rope, md)
+            hidden, residual = layer(hidden, residual, rope, md, mlp_ws)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -15,6 +15,9 @@ carrying its norms, SiLU and residual adds (LlamaDecoderLayer.forward_fused) ins
 products between small kernels. Which is faster depends on the card and the shapes, so before the
 capture both forms of each small batch size are captured once and timed, and the fused form is kept
 where it is clearly faster (TINYSERVE_FUSED_LAYERS=0 never fuses, =1 always fuses where supported).
+Likewise the post-attention norm and the MLP can run as one kernel (LlamaMLP.fused, ops.fused_mlp)
+at up to 8 tokens, in either form; TINYSERVE_FUSED_MLP=0/1/auto decides it the same way, and the
+fastest of the measured combinations is kept.
 """
 
 from __future__ import annotations
@@ -38,17 +41,42 @@ logger = logging.getLogger(__name__)
 FUSED_MARGIN = 0.03  # the fused layers must be this much faster to be kept
 
 
+LayerForm = tuple[bool, bool]  # (fused decoder layers, fused MLP)
+PLAIN: LayerForm = (False, False)
+
+
 @dataclass(frozen=True)
 class FusedChoice:
-    """One measured batch size: seconds per decode-graph replay with the unfused and fused layers."""
+    """One measured batch size: seconds per decode-graph replay of each layer form measured, keyed by
+    (fused decoder layers, fused MLP). The fastest form is kept where it beats the plain layers by
+    FUSED_MARGIN (or, when the plain layers were not measured, outright)."""
 
     batch_size: int
-    unfused_s: float
-    fused_s: float
+    times: dict[LayerForm, float]
+
+    @property
+    def form(self) -> LayerForm:
+        best = min(self.times, key=self.times.__getitem__)
+        plain = self.times.get(PLAIN)
+        if plain is not None and self.times[best] >= (1.0 - FUSED_MARGIN) * plain:
+            return PLAIN
+        return best
 
     @property
     def fused(self) -> bool:
-        return self.fused_s < (1.0 - FUSED_MARGIN) * self.unfused_s
+        return self.form[0]
+
+    @property
+    def fused_mlp(self) -> bool:
+        return self.form[1]
+
+    @property
+    def unfused_s(self) -> float | None:
+        return self.times.get(PLAIN)
+
+    @property
+    def fused_s(self) -> float | None:
+        return self.times.get((True, False))
 
 
 MIN_LEN_BOUND = 1024  # contexts up to this share the smallest graphs
@@ -144,7 +172,7 @@ class DecodeGraphs:
                 self._forward(big, self.len_bounds[-1])
         torch.cuda.current_stream(inputs.device).wait_stream(stream)
         torch.cuda.synchronize(inputs.device)
-        self.model.model.fused_rows = self._choose_fused_rows()
+        self._choose_layer_forms()
         # Largest first: later graphs reuse its pool.
         for bs in sorted(self.sizes, reverse=True):
             for max_len in reversed(self.len_bounds):
@@ -156,29 +184,57 @@ class DecodeGraphs:
                 self.graphs[bs, max_len] = graph
         torch.cuda.synchronize(inputs.device)
 
-    def _choose_fused_rows(self) -> frozenset[int]:
-        """The batch sizes whose graphs run the fused decoder layers (see the module docstring)."""
-        mode = os.environ.get("TINYSERVE_FUSED_LAYERS", "auto").strip().lower()
-        if mode not in ("auto", "0", "1"):
-            raise ValueError(f"TINYSERVE_FUSED_LAYERS must be auto, 0 or 1, got {mode!r}")
+    def _choose_layer_forms(self) -> None:
+        """Which batch sizes' graphs run the fused decoder layers and which the fused MLP (see the
+        module docstring); sets the model's fused_rows and mlp_rows."""
+        modes = {}
+        for var in ("TINYSERVE_FUSED_LAYERS", "TINYSERVE_FUSED_MLP"):
+            modes[var] = os.environ.get(var, "auto").strip().lower()
+            if modes[var] not in ("auto", "0", "1"):
+                raise ValueError(f"{var} must be auto, 0 or 1, got {modes[var]!r}")
+        layers_mode, mlp_mode = modes["TINYSERVE_FUSED_LAYERS"], modes["TINYSERVE_FUSED_MLP"]
         model = self.model.model
-        candidates = [bs for bs in self.sizes if bs <= ops.SKINNY_MAX_ROWS and model.fused_supported(bs)]
-        if mode != "auto":
-            return frozenset(candidates if mode == "1" else [])
-        chosen = set()
-        for bs in candidates:
-            times = []
-            for rows in (frozenset(), frozenset([bs])):
-                model.fused_rows = rows
-                times.append(time_graph(lambda bs=bs: self._forward(bs, self.len_bounds[0]), repeats=9))
-            choice = FusedChoice(bs, times[0], times[1])
-            self.fused_choices.append(choice)
-            if choice.fused:
-                chosen.add(bs)
-        model.fused_rows = frozenset()
-        if chosen:
-            logger.info("fused decoder layers at batch sizes %s", sorted(chosen))
-        return frozenset(chosen)
+        layer_ok = {bs for bs in self.sizes if bs <= ops.SKINNY_MAX_ROWS and model.fused_supported(bs)}
+        mlp_ok = set()
+        if mlp_mode != "0":
+            mlp_ok = {
+                bs for bs in self.sizes if bs <= ops.FUSED_MLP_MAX_ROWS and model.fused_mlp_supported(bs)
+            }
+        model.use_fused_mlp(frozenset(mlp_ok))  # its workspace, before any capture
+        fused_rows, mlp_rows = set(), set()
+        for bs in sorted(layer_ok | mlp_ok):
+            # Each choice open at this size (a forced one only where supported), in all combinations.
+            fuse_layers, fuse_mlp = bs in layer_ok, bs in mlp_ok
+            layer_opts = (
+                [False, True]
+                if layers_mode == "auto" and fuse_layers
+                else [layers_mode == "1" and fuse_layers]
+            )
+            mlp_opts = [False, True] if mlp_mode == "auto" and fuse_mlp else [mlp_mode == "1" and fuse_mlp]
+            forms = [(f, m) for f in layer_opts for m in mlp_opts]
+            if len(forms) == 1:
+                form = forms[0]
+            else:
+                times = {}
+                for f, m in forms:
+                    model.fused_rows = frozenset([bs] if f else [])
+                    model.mlp_rows = frozenset([bs] if m else [])
+                    times[f, m] = time_graph(lambda bs=bs: self._forward(bs, self.len_bounds[0]), repeats=9)
+                choice = FusedChoice(bs, times)
+                self.fused_choices.append(choice)
+                form = choice.form
+            if form[0]:
+                fused_rows.add(bs)
+            if form[1]:
+                mlp_rows.add(bs)
+        model.fused_rows = frozenset(fused_rows)
+        model.use_fused_mlp(frozenset(mlp_rows))
+        if fused_rows or mlp_rows:
+            logger.info(
+                "fused decoder layers at batch sizes %s, fused MLP at %s",
+                sorted(fused_rows),
+                sorted(mlp_rows),
+            )
 
     def replay(self, key: tuple[int, int]) -> torch.Tensor:
         """Run the graph of `key` (from key_for); returns the shared logits [batch size, vocab]."""
