@@ -10,7 +10,10 @@ Per model, row count and launch mode (programmatic dependent launch off and on):
   2 and 4, and the skinny kernel with its prologue (RMSNorm for qkv and gate_up, SiLU-and-mul for
   down);
 - the layer's four products in order, without attention: unfused with cuBLAS (norm and SiLU
-  kernels between the products), unfused with the skinny kernel, and fused.
+  kernels between the products), unfused with the skinny kernel, and fused;
+- at up to ops.FUSED_MLP_MAX_ROWS rows, the layer's second half (residual add, RMSNorm, gate/up,
+  SiLU-and-mul, down, residual add): the unfused chain with cuBLAS, the skinny kernel with its
+  prologues and epilogue, and ops.fused_mlp with and without the attention output to add first.
 """
 
 from __future__ import annotations
@@ -79,6 +82,44 @@ def fused_chain(layers: list[Layer], x_h, x_q) -> None:
         ops.skinny_linear(gate_up, w["down"], silu_input=True, residual=residual, out=residual)
 
 
+def mlp_chains(layers: list[Layer], m: int) -> dict[str, Callable[[], None]]:
+    """The decoder layer's second half over every layer, in the forms a decode step can run."""
+    h, inter = layers[0]["down"].shape
+    residual = torch.randn(m, h, dtype=DTYPE, device="cuda")
+    hidden = torch.randn(m, h, dtype=DTYPE, device="cuda")
+
+    def unfused() -> None:
+        x = hidden
+        for w in layers:
+            ops.fused_add_rms_norm(x, residual, w["norm2"], EPS)
+            x = F.linear(ops.silu_and_mul(F.linear(x, w["gate_up"])), w["down"])
+
+    def skinny() -> None:
+        for w in layers:
+            gate_up = ops.skinny_linear(residual, w["gate_up"], norm_weight=w["norm2"], eps=EPS)
+            ops.skinny_linear(gate_up, w["down"], silu_input=True, residual=residual, out=residual)
+
+    chains = {"unfused, cuBLAS": unfused, "skinny with prologue/epilogue": skinny}
+    if ops.fused_mlp_supported(m, h, inter, DTYPE, "cuda"):
+        workspace = ops.fused_mlp_workspace(m, inter, DTYPE, "cuda")
+
+        def fused(with_hidden: bool) -> None:
+            for w in layers:
+                ops.fused_mlp(
+                    residual,
+                    w["norm2"],
+                    EPS,
+                    w["gate_up"],
+                    w["down"],
+                    workspace,
+                    hidden if with_hidden else None,
+                )
+
+        chains["fused_mlp"] = lambda: fused(True)
+        chains["fused_mlp, no hidden"] = lambda: fused(False)
+    return chains
+
+
 def product_table(layers: list[Layer], m: int) -> list[list[str]]:
     w0 = layers[0]
     x_in = {
@@ -129,6 +170,10 @@ def run(name: str, rows: list[int]) -> None:
                 times = {k: time_graph([fn]) / len(layers) * 1e6 for k, fn in chains.items()}
                 summary = ", ".join(f"{k} {t:.2f} us" for k, t in times.items())
                 print(f"layer products in order (no attention), per layer: {summary}")
+                if m <= ops.FUSED_MLP_MAX_ROWS:
+                    mlp = {k: time_graph([fn]) / len(layers) * 1e6 for k, fn in mlp_chains(layers, m).items()}
+                    summary = ", ".join(f"{k} {t:.2f} us" for k, t in mlp.items())
+                    print(f"MLP half of the layer, per layer: {summary}")
             finally:
                 ops.set_programmatic_launch(None)
 
