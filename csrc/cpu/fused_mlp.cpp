@@ -12,17 +12,8 @@
 namespace tinyserve::cpu {
 namespace {
 
+// Below this many weight elements a product stays on the calling thread.
 constexpr int64_t kParallelMinElems = int64_t{1} << 15;
-
-float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  }
-  for (; i < n; ++i) acc[0] += a[i] * b[i];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
 
 // y[r, j] = x[r, :] . w[j, :] for r < m, j < n (w [n, k] in T), unrounded.
 template <typename T>

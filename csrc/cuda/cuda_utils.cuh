@@ -51,6 +51,23 @@ __device__ __forceinline__ float round_to<float>(float x) {
   return x;
 }
 
+// The 8 values of a 16-byte vector of T, as floats, and back (rounded to T).
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8]) {
+  const T* t = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) f[j] = to_float<T>(t[j]);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+  uint4 v;
+  T* t = reinterpret_cast<T*>(&v);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) t[j] = from_float<T>(f[j]);
+  return v;
+}
+
 // Whether a pointer allows 16-byte vector accesses.
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

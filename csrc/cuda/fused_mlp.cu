@@ -76,22 +76,6 @@ __device__ __forceinline__ uint4 load_weight(const void* ptr, bool valid) {
 // Data an earlier kernel (or another block of this one) wrote: through L2, not the read-only path.
 __device__ __forceinline__ uint4 load_coherent(const void* ptr) { return __ldcg(static_cast<const uint4*>(ptr)); }
 
-template <typename T>
-__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8]) {
-  const T* t = reinterpret_cast<const T*>(&v);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) f[j] = to_float<T>(t[j]);
-}
-
-template <typename T>
-__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
-  uint4 v;
-  T* t = reinterpret_cast<T*>(&v);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) t[j] = from_float<T>(f[j]);
-  return v;
-}
-
 // 8 floats of shared memory (32-byte aligned) as two 16-byte accesses.
 __device__ __forceinline__ void load8(const float* p, float (&f)[8]) {
   const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];

@@ -116,22 +116,6 @@ __device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
 #endif
 }
 
-// The 8 values of a 16-byte vector, as floats, and back (rounded to T).
-template <typename T>
-__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8]) {
-  const T* t = reinterpret_cast<const T*>(&v);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) f[j] = to_float<T>(t[j]);
-}
-template <typename T>
-__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
-  uint4 v;
-  T* t = reinterpret_cast<T*>(&v);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) t[j] = from_float<T>(f[j]);
-  return v;
-}
-
 // The prologue on 8 consecutive k of the product's left operand: v (x, or gate with kSilu) and aux
 // (norm_weight with kNorm, up with kSilu) at the same k; inv is the row's 1 / rms (kNorm).
 template <typename T, int kPro>

@@ -287,29 +287,53 @@ def test_graph_length_bounds_match_eager(tmp_path):
             _same_up_to_near_ties(g, w, f"prompt of {n} tokens in batch {lens}")
 
 
-def test_fused_layers_match_unfused(tmp_path, monkeypatch):
-    """bf16 decode graphs with the fused decoder layers at every batch size up to 16 seqs
-    (TINYSERVE_FUSED_LAYERS=1) against graphs without them (=0): the same greedy tokens, alone and
-    batched, or a near tie at the first difference (bf16 products summed in another order); and the
-    default (auto) keeps exactly the batch sizes it measured faster fused."""
-    from tests.models.tiny_models import random_prompt, save_tiny_checkpoint
+def _greedy_under_modes(path, monkeypatch, var: str, modes, batches, check_engine) -> dict:
+    """For each value of the environment variable `var`: a bf16 engine on the checkpoint at `path`
+    (decode graphs up to 16 sequences), `check_engine(mode, llm)`, then the greedy outputs of each
+    batch of prompt lengths. Returns {mode: [outputs of each batch]}."""
+    from tests.models.tiny_models import random_prompt
     from tinyserve import LLM
 
-    save_tiny_checkpoint("qwen3", tmp_path, seed=3)
-    batches = [[7], [40, 100, 3, 65, 17]]
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=2)
     outs = {}
-    monkeypatch.setenv("TINYSERVE_FUSED_MLP", "0")  # the layer forms only (the fused MLP: below)
-    for mode in ("0", "1", "auto"):
-        monkeypatch.setenv("TINYSERVE_FUSED_LAYERS", mode)
+    for mode in modes:
+        monkeypatch.setenv(var, mode)
         llm = LLM(
-            str(tmp_path),
+            str(path),
             device="cuda",
             dtype="bfloat16",
             max_num_seqs=16,
             num_kv_blocks=256,
             skip_tokenizer_init=True,
         )
+        check_engine(mode, llm)
+        outs[mode] = [
+            llm.generate([{"prompt_token_ids": random_prompt(n, n)} for n in lens], params, use_tqdm=False)
+            for lens in batches
+        ]
+        del llm
+        _free_gpu_memory()
+    return outs
+
+
+def _same_batches(batches, got, want, what: str) -> None:
+    for lens, g_batch, w_batch in zip(batches, got, want, strict=True):
+        for n, g, w in zip(lens, g_batch, w_batch, strict=True):
+            _same_up_to_near_ties(g, w, f"bf16, {what}: prompt of {n} tokens in batch {lens}", tol=0.1)
+
+
+def test_fused_layers_match_unfused(tmp_path, monkeypatch):
+    """bf16 decode graphs with the fused decoder layers at every batch size up to 16 seqs
+    (TINYSERVE_FUSED_LAYERS=1) against graphs without them (=0): the same greedy tokens, alone and
+    batched, or a near tie at the first difference (bf16 products summed in another order); and the
+    default (auto) keeps exactly the batch sizes it measured faster fused."""
+    from tests.models.tiny_models import save_tiny_checkpoint
+
+    save_tiny_checkpoint("qwen3", tmp_path, seed=3)
+    batches = [[7], [40, 100, 3, 65, 17]]
+    monkeypatch.setenv("TINYSERVE_FUSED_MLP", "0")  # the layer forms only (the fused MLP: below)
+
+    def check(mode, llm) -> None:
         graphs = llm.engine.runner.graphs
         fused_rows = llm.engine.runner.model.model.fused_rows
         if mode == "0":
@@ -322,49 +346,26 @@ def test_fused_layers_match_unfused(tmp_path, monkeypatch):
             assert fused_rows == frozenset(c.batch_size for c in graphs.fused_choices if c.fused)
             mlp_rows = llm.engine.runner.model.model.mlp_rows
             assert mlp_rows == frozenset(c.batch_size for c in graphs.fused_choices if c.fused_mlp)
-        outs[mode] = [
-            llm.generate([{"prompt_token_ids": random_prompt(n, n)} for n in lens], params, use_tqdm=False)
-            for lens in batches
-        ]
-        del llm
-        _free_gpu_memory()
-    for lens, got, want in zip(batches, outs["1"], outs["0"], strict=True):
-        for n, g, w in zip(lens, got, want, strict=True):
-            what = f"bf16, fused vs unfused: prompt of {n} tokens in batch {lens}"
-            _same_up_to_near_ties(g, w, what, tol=0.1)
+
+    outs = _greedy_under_modes(
+        tmp_path, monkeypatch, "TINYSERVE_FUSED_LAYERS", ("0", "1", "auto"), batches, check
+    )
+    _same_batches(batches, outs["1"], outs["0"], "fused vs unfused")
 
 
 def test_fused_mlp_matches_plain(tmp_path, monkeypatch):
     """bf16 decode graphs with the fused MLP (TINYSERVE_FUSED_MLP=1: batch sizes 1 and 2,
     plain layers otherwise) against graphs without it (=0): the same greedy tokens, alone and batched,
     or a near tie at the first difference."""
-    from tests.models.tiny_models import random_prompt, save_tiny_checkpoint
-    from tinyserve import LLM
+    from tests.models.tiny_models import save_tiny_checkpoint
 
     save_tiny_checkpoint("qwen3", tmp_path, seed=4)
     batches = [[9], [40, 100]]
-    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=2)
-    outs = {}
     monkeypatch.setenv("TINYSERVE_FUSED_LAYERS", "0")
-    for mode in ("0", "1"):
-        monkeypatch.setenv("TINYSERVE_FUSED_MLP", mode)
-        llm = LLM(
-            str(tmp_path),
-            device="cuda",
-            dtype="bfloat16",
-            max_num_seqs=16,
-            num_kv_blocks=256,
-            skip_tokenizer_init=True,
-        )
+
+    def check(mode, llm) -> None:
         mlp_rows = llm.engine.runner.model.model.mlp_rows
         assert mlp_rows == (frozenset({1, 2}) if mode == "1" else frozenset())
-        outs[mode] = [
-            llm.generate([{"prompt_token_ids": random_prompt(n, n)} for n in lens], params, use_tqdm=False)
-            for lens in batches
-        ]
-        del llm
-        _free_gpu_memory()
-    for lens, got, want in zip(batches, outs["1"], outs["0"], strict=True):
-        for n, g, w in zip(lens, got, want, strict=True):
-            what = f"bf16, fused MLP vs plain: prompt of {n} tokens in batch {lens}"
-            _same_up_to_near_ties(g, w, what, tol=0.1)
+
+    outs = _greedy_under_modes(tmp_path, monkeypatch, "TINYSERVE_FUSED_MLP", ("0", "1"), batches, check)
+    _same_batches(batches, outs["1"], outs["0"], "fused MLP vs plain")

@@ -18,6 +18,36 @@ from .tiny_models import random_prompt
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
+def _decode_step_both_ways(model, lengths, use_forms, reset_forms) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill prompts of `lengths`, then one decode step (a token each) twice from the same KV
+    cache: with the plain layers, then after `use_forms()` (undone by `reset_forms()`). Returns the
+    two steps' logits [len(lengths), vocab]."""
+    runner = PagedRunner(model, num_blocks=32, block_size=16)
+    prompts = {i: random_prompt(n, seed=n) for i, n in enumerate(lengths)}
+    logits = runner.step(list(prompts.items()))  # prefill: the plain layers
+    ends = torch.tensor([len(p) for p in prompts.values()]).cumsum(0) - 1
+    firsts = logits[ends.to(logits.device)].argmax(-1).tolist()
+    batch = [(i, [int(t)]) for i, t in zip(prompts, firsts, strict=True)]
+    plain = runner.step(batch)
+    for i in prompts:  # the same step again, from the same cache
+        runner.num_cached[i] -= 1
+    use_forms()
+    try:
+        other = runner.step(batch)
+    finally:
+        reset_forms()
+    return plain, other
+
+
+def _same_picks(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Logits agree to bf16 rounding of the products, and each row's pick is the other's top two."""
+    assert rel_err(got, want) < 2e-2, what
+    top_g, top_w = got.topk(2, dim=-1), want.topk(2, dim=-1)
+    for row in range(got.shape[0]):
+        a, b = int(top_g.indices[row, 0]), int(top_w.indices[row, 0])
+        assert a == b or b in top_g.indices[row].tolist(), f"{what} row {row}: {a} against {b}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_step_matches_unfused(family, device) -> None:
     """One batched decode step (3 sequences, one token each) from the same KV cache, unfused and
@@ -27,26 +57,15 @@ def test_fused_step_matches_unfused(family, device) -> None:
     inner = model.model
     assert inner.fused_rows == frozenset()
     assert inner.fused_supported(3) and inner.fused_supported(16) and not inner.fused_supported(17)
-    runner = PagedRunner(model, num_blocks=32, block_size=16)
-    prompts = {i: random_prompt(n, seed=n) for i, n in enumerate((5, 17, 30))}
-    logits = runner.step(list(prompts.items()))  # 52 rows: the unfused layers
-    ends = torch.tensor([len(p) for p in prompts.values()]).cumsum(0) - 1
-    firsts = logits[ends.to(logits.device)].argmax(-1).tolist()
-    batch = [(i, [int(t)]) for i, t in zip(prompts, firsts, strict=True)]
 
-    unfused = runner.step(batch)
-    for i in prompts:  # the same step again, from the same cache
-        runner.num_cached[i] -= 1
-    inner.fused_rows = frozenset({3})
-    try:
-        fused = runner.step(batch)
-    finally:
+    def use() -> None:
+        inner.fused_rows = frozenset({3})
+
+    def reset() -> None:
         inner.fused_rows = frozenset()
-    assert rel_err(fused, unfused) < 2e-2, name
-    top_f, top_u = fused.topk(2, dim=-1), unfused.topk(2, dim=-1)
-    for row in range(3):
-        a, b = int(top_f.indices[row, 0]), int(top_u.indices[row, 0])
-        assert a == b or b in top_f.indices[row].tolist(), f"{name} row {row}: fused {a}, unfused {b}"
+
+    unfused, fused = _decode_step_both_ways(model, (5, 17, 30), use, reset)
+    _same_picks(fused, unfused, f"{name} fused against unfused")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -85,28 +104,17 @@ def test_fused_mlp_step_matches_plain(family, device, fused_layers) -> None:
             inner.use_fused_mlp(frozenset({2}))
         return
     assert inner.fused_mlp_supported(2) and not inner.fused_mlp_supported(3)
-    runner = PagedRunner(model, num_blocks=32, block_size=16)
-    prompts = {i: random_prompt(n, seed=n) for i, n in enumerate((6, 33))}
-    logits = runner.step(list(prompts.items()))
-    ends = torch.tensor([len(p) for p in prompts.values()]).cumsum(0) - 1
-    firsts = logits[ends.to(logits.device)].argmax(-1).tolist()
-    batch = [(i, [int(t)]) for i, t in zip(prompts, firsts, strict=True)]
 
-    plain = runner.step(batch)
-    for i in prompts:  # the same step again, from the same cache
-        runner.num_cached[i] -= 1
-    inner.use_fused_mlp(frozenset({2}))
-    inner.fused_rows = frozenset({2} if fused_layers else ())
-    try:
-        fused = runner.step(batch)
-    finally:
+    def use() -> None:
+        inner.use_fused_mlp(frozenset({2}))
+        inner.fused_rows = frozenset({2} if fused_layers else ())
+
+    def reset() -> None:
         inner.use_fused_mlp(frozenset())
         inner.fused_rows = frozenset()
-    assert rel_err(fused, plain) < 2e-2, name
-    top_f, top_p = fused.topk(2, dim=-1), plain.topk(2, dim=-1)
-    for row in range(2):
-        a, b = int(top_f.indices[row, 0]), int(top_p.indices[row, 0])
-        assert a == b or b in top_f.indices[row].tolist(), f"{name} row {row}: fused MLP {a}, plain {b}"
+
+    plain, fused = _decode_step_both_ways(model, (6, 33), use, reset)
+    _same_picks(fused, plain, f"{name} fused MLP against plain")
 
 
 @pytest.mark.parametrize("device", DEVICES)
