@@ -16,7 +16,7 @@ products between small kernels. Which is faster depends on the card and the shap
 capture both forms of each small batch size are captured once and timed, and the fused form is kept
 where it is clearly faster (TINYSERVE_FUSED_LAYERS=0 never fuses, =1 always fuses where supported).
 Likewise the post-attention norm and the MLP can run as one kernel (LlamaMLP.fused, ops.fused_mlp)
-at up to 8 tokens, in either form; TINYSERVE_FUSED_MLP=0/1/auto decides it the same way, and the
+at one or two tokens, in either form; TINYSERVE_FUSED_MLP=0/1/auto decides it the same way, and the
 fastest of the measured combinations is kept.
 """
 
@@ -38,7 +38,7 @@ from .linear_tuning import time_graph
 
 logger = logging.getLogger(__name__)
 
-FUSED_MARGIN = 0.03  # the fused layers must be this much faster to be kept
+FUSED_MARGIN = 0.03  # a fused form must be this much faster than the plain layers to be kept
 
 
 LayerForm = tuple[bool, bool]  # (fused decoder layers, fused MLP)
