@@ -18,10 +18,13 @@ from .tiny_models import random_prompt
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
-def _decode_step_both_ways(model, lengths, use_forms, reset_forms) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_step_both_ways(
+    model, lengths, fused_layers: bool, fused_mlp: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill prompts of `lengths`, then one decode step (a token each) twice from the same KV
-    cache: with the plain layers, then after `use_forms()` (undone by `reset_forms()`). Returns the
-    two steps' logits [len(lengths), vocab]."""
+    cache: with the plain layers, then with the fused layers and/or the fused MLP at that step's
+    size (reset afterwards). Returns the two steps' logits [len(lengths), vocab]."""
+    inner, rows = model.model, frozenset({len(lengths)})
     runner = PagedRunner(model, num_blocks=32, block_size=16)
     prompts = {i: random_prompt(n, seed=n) for i, n in enumerate(lengths)}
     logits = runner.step(list(prompts.items()))  # prefill: the plain layers
@@ -31,11 +34,13 @@ def _decode_step_both_ways(model, lengths, use_forms, reset_forms) -> tuple[torc
     plain = runner.step(batch)
     for i in prompts:  # the same step again, from the same cache
         runner.num_cached[i] -= 1
-    use_forms()
+    inner.fused_rows = rows if fused_layers else frozenset()
+    inner.use_fused_mlp(rows if fused_mlp else frozenset())
     try:
         other = runner.step(batch)
     finally:
-        reset_forms()
+        inner.fused_rows = frozenset()
+        inner.use_fused_mlp(frozenset())
     return plain, other
 
 
@@ -57,14 +62,7 @@ def test_fused_step_matches_unfused(family, device) -> None:
     inner = model.model
     assert inner.fused_rows == frozenset()
     assert inner.fused_supported(3) and inner.fused_supported(16) and not inner.fused_supported(17)
-
-    def use() -> None:
-        inner.fused_rows = frozenset({3})
-
-    def reset() -> None:
-        inner.fused_rows = frozenset()
-
-    unfused, fused = _decode_step_both_ways(model, (5, 17, 30), use, reset)
+    unfused, fused = _decode_step_both_ways(model, (5, 17, 30), fused_layers=True, fused_mlp=False)
     _same_picks(fused, unfused, f"{name} fused against unfused")
 
 
@@ -104,16 +102,7 @@ def test_fused_mlp_step_matches_plain(family, device, fused_layers) -> None:
             inner.use_fused_mlp(frozenset({2}))
         return
     assert inner.fused_mlp_supported(2) and not inner.fused_mlp_supported(3)
-
-    def use() -> None:
-        inner.use_fused_mlp(frozenset({2}))
-        inner.fused_rows = frozenset({2} if fused_layers else ())
-
-    def reset() -> None:
-        inner.use_fused_mlp(frozenset())
-        inner.fused_rows = frozenset()
-
-    plain, fused = _decode_step_both_ways(model, (6, 33), use, reset)
+    plain, fused = _decode_step_both_ways(model, (6, 33), fused_layers=fused_layers, fused_mlp=True)
     _same_picks(fused, plain, f"{name} fused MLP against plain")
 
 

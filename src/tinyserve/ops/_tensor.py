@@ -78,3 +78,9 @@ def check_contiguous(name: str, t: torch.Tensor) -> None:
             f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()}); "
             "call .contiguous() first"
         )
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory of two contiguous tensors overlaps."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()

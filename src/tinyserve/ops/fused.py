@@ -12,7 +12,7 @@ import torch
 
 from tinyserve import _C
 
-from ._tensor import check_tensor, stream_of, view
+from ._tensor import check_tensor, overlaps, stream_of, view
 from .cache import check_cache_write
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -291,11 +291,6 @@ def fused_mlp_supported(
     return bool(_C.fused_mlp_fits(rows, hidden, intermediate, index))
 
 
-def _disjoint(a: torch.Tensor, b: torch.Tensor) -> bool:
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 + a.numel() * a.element_size() <= b0 or b0 + b.numel() * b.element_size() <= a0
-
-
 def fused_mlp(
     residual: torch.Tensor,
     norm_weight: torch.Tensor,
@@ -355,7 +350,7 @@ def fused_mlp(
         out = residual
     else:
         _check_like("hidden", hidden, residual, "residual")
-        if not hidden.is_contiguous() or not _disjoint(hidden, residual):
+        if not hidden.is_contiguous() or overlaps(hidden, residual):
             raise ValueError("hidden must be contiguous and must not overlap residual")
         if out is None:
             out = hidden
@@ -364,7 +359,7 @@ def fused_mlp(
             if not out.is_contiguous():
                 raise ValueError("out must be contiguous")
             if out.data_ptr() != hidden.data_ptr() and not (
-                _disjoint(out, hidden) and _disjoint(out, residual)
+                not overlaps(out, hidden) and not overlaps(out, residual)
             ):
                 raise ValueError("out must be hidden itself or overlap none of hidden and residual")
     for name, w in (
@@ -372,7 +367,7 @@ def fused_mlp(
         ("gate_up_weight", gate_up_weight),
         ("down_weight", down_weight),
     ):
-        if not _disjoint(w, out):
+        if overlaps(w, out):
             raise ValueError(f"{name} must not overlap the output")
     if residual.is_cuda:
         check_tensor("workspace", workspace)

@@ -14,7 +14,7 @@ import torch
 
 from tinyserve import _C
 
-from ._tensor import check_dtype, check_ndim, check_same_device, check_tensor, stream_of, view
+from ._tensor import check_dtype, check_ndim, check_same_device, check_tensor, overlaps, stream_of, view
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -129,12 +129,6 @@ def skinny_linear_supported(
     return _skinny_error(x, weight, bias, silu_input) is None
 
 
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the memory of two contiguous tensors overlaps."""
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
-
-
 def _like_x_error(name: str, t: object, x: torch.Tensor) -> Exception | None:
     """Why `t` cannot stand beside x (a tensor of x's dtype on x's device); None when it can."""
     if not isinstance(t, torch.Tensor):
@@ -175,7 +169,7 @@ def _fusion_error(
                 f"residual must be a contiguous [{m}, {n}] tensor (num_tokens, out_features), got shape "
                 f"{tuple(residual.shape)}"
             )
-        if _overlaps(x, residual):
+        if overlaps(x, residual):
             return ValueError("x and residual must not overlap: every block reads all of x")
     return None
 
@@ -240,7 +234,7 @@ def skinny_linear(
             )
         if not out.is_contiguous():
             raise ValueError(f"out must be contiguous (strides {out.stride()})")
-        if out.numel() and x.numel() and _overlaps(x, out):
+        if out.numel() and x.numel() and overlaps(x, out):
             raise ValueError("out must not overlap x: every block reads all of x")
     _C.skinny_gemm(
         view(x),
