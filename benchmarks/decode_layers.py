@@ -11,9 +11,13 @@ Per model, row count and launch mode (programmatic dependent launch off and on):
   down);
 - the layer's four products in order, without attention: unfused with cuBLAS (norm and SiLU
   kernels between the products), unfused with the skinny kernel, and fused;
-- at up to ops.FUSED_MLP_MAX_ROWS rows, the layer's second half (residual add, RMSNorm, gate/up,
-  SiLU-and-mul, down, residual add): the unfused chain with cuBLAS, the skinny kernel with its
-  prologues and epilogue, and ops.fused_mlp with and without the attention output to add first.
+- at up to ops.FUSED_MLP_MAX_ROWS rows, the layer's second half (o product, residual add, RMSNorm,
+  gate/up, SiLU-and-mul, down, residual add): the unfused chain with cuBLAS, the skinny kernel with
+  its prologues and epilogues, ops.fused_mlp after a cuBLAS or skinny o product, and ops.fused_mlp
+  with the o product inside;
+- at up to ops.FUSED_MLP_MAX_ROWS rows, the layer's start (residual add, RMSNorm, qkv product):
+  fused_add_rms_norm and cuBLAS, the skinny kernel with its norm prologue, and
+  ops.fused_norm_linear.
 """
 
 from __future__ import annotations
@@ -83,40 +87,76 @@ def fused_chain(layers: list[Layer], x_h, x_q) -> None:
 
 
 def mlp_chains(layers: list[Layer], m: int) -> dict[str, Callable[[], None]]:
-    """The decoder layer's second half over every layer, in the forms a decode step can run."""
+    """The decoder layer's second half (from the attention output on) over every layer, in the forms
+    a decode step can run."""
     h, inter = layers[0]["down"].shape
+    q = layers[0]["o"].shape[1]
     residual = torch.randn(m, h, dtype=DTYPE, device="cuda")
-    hidden = torch.randn(m, h, dtype=DTYPE, device="cuda")
+    attn = torch.randn(m, q, dtype=DTYPE, device="cuda")
 
     def unfused() -> None:
-        x = hidden
         for w in layers:
+            x = F.linear(attn, w["o"])
             ops.fused_add_rms_norm(x, residual, w["norm2"], EPS)
-            x = F.linear(ops.silu_and_mul(F.linear(x, w["gate_up"])), w["down"])
+            F.linear(ops.silu_and_mul(F.linear(x, w["gate_up"])), w["down"])
 
     def skinny() -> None:
         for w in layers:
+            ops.skinny_linear(attn, w["o"], residual=residual, out=residual)
             gate_up = ops.skinny_linear(residual, w["gate_up"], norm_weight=w["norm2"], eps=EPS)
             ops.skinny_linear(gate_up, w["down"], silu_input=True, residual=residual, out=residual)
 
     chains = {"unfused, cuBLAS": unfused, "skinny with prologue/epilogue": skinny}
-    if ops.fused_mlp_supported(m, h, inter, DTYPE, "cuda"):
-        workspace = ops.fused_mlp_workspace(m, inter, DTYPE, "cuda")
+    if ops.fused_mlp_supported(m, h, inter, DTYPE, "cuda", attn=q):
+        workspace = ops.fused_mlp_workspace(m, h, inter, DTYPE, "cuda")
 
-        def fused(with_hidden: bool) -> None:
+        def mlp(w: Layer, hidden: torch.Tensor | None, o: torch.Tensor | None = None) -> None:
+            ops.fused_mlp(residual, w["norm2"], EPS, w["gate_up"], w["down"], workspace, hidden, o_weight=o)
+
+        def after_o(linear) -> None:
             for w in layers:
-                ops.fused_mlp(
-                    residual,
-                    w["norm2"],
-                    EPS,
-                    w["gate_up"],
-                    w["down"],
-                    workspace,
-                    hidden if with_hidden else None,
-                )
+                mlp(w, linear(attn, w["o"]))
 
-        chains["fused_mlp"] = lambda: fused(True)
-        chains["fused_mlp, no hidden"] = lambda: fused(False)
+        def skinny_o_residual() -> None:
+            for w in layers:
+                ops.skinny_linear(attn, w["o"], residual=residual, out=residual)
+                mlp(w, None)
+
+        def with_o() -> None:
+            for w in layers:
+                mlp(w, attn, w["o"])
+
+        chains["cuBLAS o, fused_mlp"] = lambda: after_o(F.linear)
+        chains["skinny o, fused_mlp"] = lambda: after_o(ops.skinny_linear)
+        chains["skinny o + residual, fused_mlp"] = skinny_o_residual
+        chains["fused_mlp with o"] = with_o
+    return chains
+
+
+def qkv_chains(layers: list[Layer], m: int) -> dict[str, Callable[[], None]]:
+    """The decoder layer's start (residual add, RMSNorm, qkv product) over every layer."""
+    h = layers[0]["qkv"].shape[1]
+    residual = torch.randn(m, h, dtype=DTYPE, device="cuda")
+    hidden = torch.randn(m, h, dtype=DTYPE, device="cuda")
+
+    def unfused() -> None:
+        for w in layers:
+            ops.fused_add_rms_norm(hidden, residual, w["norm1"], EPS)
+            F.linear(hidden, w["qkv"])
+
+    def skinny() -> None:
+        for w in layers:
+            ops.skinny_linear(residual, w["qkv"], norm_weight=w["norm1"], eps=EPS)
+
+    chains = {"fused_add_rms_norm + cuBLAS": unfused, "skinny with norm": skinny}
+    if ops.fused_norm_linear_supported(m, h, DTYPE, "cuda"):
+
+        def fused(add: bool) -> None:
+            for w in layers:
+                ops.fused_norm_linear(hidden, w["norm1"], EPS, w["qkv"], residual if add else None)
+
+        chains["fused_norm_linear"] = lambda: fused(True)
+        chains["fused_norm_linear, no residual"] = lambda: fused(False)
     return chains
 
 
@@ -171,9 +211,10 @@ def run(name: str, rows: list[int]) -> None:
                 summary = ", ".join(f"{k} {t:.2f} us" for k, t in times.items())
                 print(f"layer products in order (no attention), per layer: {summary}")
                 if m <= ops.FUSED_MLP_MAX_ROWS:
-                    mlp = {k: time_graph([fn]) / len(layers) * 1e6 for k, fn in mlp_chains(layers, m).items()}
-                    summary = ", ".join(f"{k} {t:.2f} us" for k, t in mlp.items())
-                    print(f"MLP half of the layer, per layer: {summary}")
+                    for what, make in (("o + MLP half", mlp_chains), ("norm + qkv start", qkv_chains)):
+                        got = {k: time_graph([fn]) / len(layers) * 1e6 for k, fn in make(layers, m).items()}
+                        summary = ", ".join(f"{k} {t:.2f} us" for k, t in got.items())
+                        print(f"{what} of the layer, per layer: {summary}")
             finally:
                 ops.set_programmatic_launch(None)
 

@@ -126,15 +126,9 @@ def print_linear_choices(llm: LLM) -> None:
             flush=True,
         )
     graphs = runner.graphs
-    names = {
-        (False, False): "unfused",
-        (True, False): "fused",
-        (False, True): "unfused + fused MLP",
-        (True, True): "fused + fused MLP",
-    }
     for c in [] if graphs is None else graphs.fused_choices:
-        times = ", ".join(f"{names[form]} {t * 1e6:.0f} us" for form, t in c.times.items())
-        print(f"  decode step at {c.batch_size} seqs: {times} -> {names[c.form]}", flush=True)
+        times = ", ".join(f"{form.name} {t * 1e6:.0f} us" for form, t in c.times.items())
+        print(f"  decode step at {c.batch_size} seqs: {times} -> {c.form.name}", flush=True)
 
 
 def harness_limit(prompts, max_tokens, steps: int, wbytes: int, kv_tok: int, bw: float) -> tuple[float, str]:

@@ -94,12 +94,13 @@ void skinny_gemm(const TensorView& x, const TensorView& weight, std::optional<Te
   }
 }
 
-// hidden: None for the no-hidden form (see ops.h).
-void fused_mlp(std::optional<TensorView> hidden, const TensorView& residual, const TensorView& norm_weight,
-               const TensorView& gate_up, const TensorView& down, const TensorView& out, const TensorView& workspace,
-               float eps, uintptr_t stream) {
+// hidden, o_weight: None where absent (see ops.h).
+void fused_mlp(std::optional<TensorView> hidden, std::optional<TensorView> o_weight, const TensorView& residual,
+               const TensorView& norm_weight, const TensorView& gate_up, const TensorView& down, const TensorView& out,
+               const TensorView& workspace, float eps, uintptr_t stream) {
   tinyserve::FusedMlpArgs args;
   if (hidden) args.hidden = *hidden;
+  if (o_weight) args.o_weight = *o_weight;
   args.residual = residual;
   args.norm_weight = norm_weight;
   args.gate_up = gate_up;
@@ -118,14 +119,50 @@ void fused_mlp(std::optional<TensorView> hidden, const TensorView& residual, con
   }
 }
 
-bool fused_mlp_fits(int64_t rows, int64_t hidden, int64_t intermediate, int device) {
+// residual and residual_out together, or neither; bias optional (see ops.h).
+void fused_norm_linear(const TensorView& x, std::optional<TensorView> residual, std::optional<TensorView> residual_out,
+                       const TensorView& norm_weight, const TensorView& weight, std::optional<TensorView> bias,
+                       const TensorView& out, float eps, uintptr_t stream) {
+  tinyserve::FusedNormLinearArgs args;
+  args.x = x;
+  if (residual) args.residual = *residual;
+  if (residual_out) args.residual_out = *residual_out;
+  args.norm_weight = norm_weight;
+  args.weight = weight;
+  if (bias) args.bias = *bias;
+  args.out = out;
+  args.eps = eps;
+  if (out.is_cuda()) {
+#ifdef TINYSERVE_WITH_CUDA
+    tinyserve::cuda::fused_norm_linear(args, stream);
+#else
+    no_cuda("fused_norm_linear");
+#endif
+  } else {
+    tinyserve::cpu::fused_norm_linear(args);
+  }
+}
+
+bool fused_mlp_fits(int64_t rows, int64_t hidden, int64_t intermediate, int64_t attn, int device) {
   if (rows < 1 || rows > tinyserve::kFusedMlpMaxRows) return false;
   if (device < 0) return true;  // the CPU twin takes any size
 #ifdef TINYSERVE_WITH_CUDA
-  return tinyserve::cuda::fused_mlp_fits(rows, hidden, intermediate, device);
+  return tinyserve::cuda::fused_mlp_fits(rows, hidden, intermediate, attn, device);
 #else
   (void)hidden;
   (void)intermediate;
+  (void)attn;
+  return false;
+#endif
+}
+
+bool fused_norm_linear_fits(int64_t rows, int64_t k, int device) {
+  if (rows < 1 || rows > tinyserve::kFusedMlpMaxRows) return false;
+  if (device < 0) return true;  // the CPU twin takes any size
+#ifdef TINYSERVE_WITH_CUDA
+  return tinyserve::cuda::fused_norm_linear_fits(rows, k, device);
+#else
+  (void)k;
   return false;
 #endif
 }
@@ -354,11 +391,15 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("device"), "Whether TinyServe's kernels launch with PDL on this CUDA device now.");
   m.attr("skinny_max_rows") = tinyserve::kSkinnyMaxRows;
-  m.def("fused_mlp", &fused_mlp, py::arg("hidden"), py::arg("residual"), py::arg("norm_weight"), py::arg("gate_up"),
-        py::arg("down"), py::arg("out"), py::arg("workspace"), py::arg("eps"), py::arg("stream"),
+  m.def("fused_mlp", &fused_mlp, py::arg("hidden"), py::arg("o_weight"), py::arg("residual"), py::arg("norm_weight"),
+        py::arg("gate_up"), py::arg("down"), py::arg("out"), py::arg("workspace"), py::arg("eps"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
   m.def("fused_mlp_fits", &fused_mlp_fits, py::arg("rows"), py::arg("hidden"), py::arg("intermediate"),
-        py::arg("device"));
+        py::arg("attn"), py::arg("device"));
+  m.def("fused_norm_linear", &fused_norm_linear, py::arg("x"), py::arg("residual"), py::arg("residual_out"),
+        py::arg("norm_weight"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("eps"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("fused_norm_linear_fits", &fused_norm_linear_fits, py::arg("rows"), py::arg("k"), py::arg("device"));
   m.attr("fused_mlp_max_rows") = tinyserve::kFusedMlpMaxRows;
   m.attr("fused_mlp_workspace_header") = tinyserve::kFusedMlpWorkspaceHeader;
   m.def("reshape_and_cache", &reshape_and_cache, py::arg("key"), py::arg("value"), py::arg("key_cache"),

@@ -144,7 +144,7 @@ inline void check_skinny_gemm_args(const SkinnyGemmArgs& a) {
 
 inline void check_fused_mlp_args(const FusedMlpArgs& a) {
   const TensorView &r = a.residual, &g = a.norm_weight, &gu = a.gate_up, &d = a.down, &out = a.out;
-  const bool has_hidden = a.hidden.data != nullptr;
+  const bool has_hidden = a.hidden.data != nullptr, has_o = a.o_weight.data != nullptr;
   check(r.ndim == 2 && g.ndim == 1 && gu.ndim == 2 && d.ndim == 2 && out.ndim == 2,
         "fused_mlp: residual [m, H], norm_weight [H], gate_up [2I, H], down [H, I] and out [m, H] must be "
         "2-D (norm_weight 1-D)");
@@ -158,14 +158,50 @@ inline void check_fused_mlp_args(const FusedMlpArgs& a) {
   check(g.size(0) == h && gu.size(0) == 2 * inter && gu.size(1) == h && d.size(0) == h && out.size(0) == m &&
             out.size(1) == h,
         "fused_mlp: shapes must be residual [m, H], norm_weight [H], gate_up [2I, H], down [H, I], out [m, H]");
-  const TensorView* all[] = {&r, &g, &gu, &d, &out, has_hidden ? &a.hidden : &r};
+  const TensorView* all[] = {&r, &g, &gu, &d, &out, has_hidden ? &a.hidden : &r, has_o ? &a.o_weight : &r};
   for (const TensorView* t : all) {
     check(t->dtype == r.dtype && t->device == r.device && t->is_contiguous(),
           "fused_mlp: all tensors must be contiguous, of one dtype, on one device");
   }
-  if (has_hidden) {
+  check(has_hidden || out.data == r.data, "fused_mlp: without hidden, out must be residual");
+  check(has_hidden || !has_o, "fused_mlp: o_weight needs hidden (the attention output)");
+  if (has_o) {
+    const int64_t q = a.o_weight.ndim == 2 ? a.o_weight.size(1) : -1;
+    check(a.o_weight.ndim == 2 && a.o_weight.size(0) == h && q % 8 == 0,
+          "fused_mlp: o_weight must be [H, Q] with Q a multiple of 8");
+    check(a.hidden.ndim == 2 && a.hidden.size(0) == m && a.hidden.size(1) == q,
+          "fused_mlp: with o_weight [H, Q], hidden must be the attention output [m, Q]");
+  } else if (has_hidden) {
     check(a.hidden.ndim == 2 && a.hidden.size(0) == m && a.hidden.size(1) == h, "fused_mlp: hidden must be [m, H]");
   }
+}
+
+inline void check_fused_norm_linear_args(const FusedNormLinearArgs& a) {
+  const TensorView &x = a.x, &g = a.norm_weight, &w = a.weight, &out = a.out;
+  const bool has_res = a.residual.data != nullptr, has_bias = a.bias.data != nullptr;
+  check(x.ndim == 2 && g.ndim == 1 && w.ndim == 2 && out.ndim == 2,
+        "fused_norm_linear: x [m, K], norm_weight [K], weight [N, K] and out [m, N] must be 2-D (norm_weight 1-D)");
+  check(x.dtype == DType::kFloat16 || x.dtype == DType::kBFloat16,
+        std::string("fused_norm_linear: unsupported dtype ") + dtype_name(x.dtype) + "; supported: float16, bfloat16");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  check(m <= kFusedMlpMaxRows, "fused_norm_linear: " + std::to_string(m) + " rows; at most " +
+                                   std::to_string(kFusedMlpMaxRows) + " are supported");
+  check(k % 8 == 0, "fused_norm_linear: K = " + std::to_string(k) + " must be a multiple of 8");
+  check(g.size(0) == k && w.size(1) == k && out.size(0) == m && out.size(1) == n,
+        "fused_norm_linear: shapes must be x [m, K], norm_weight [K], weight [N, K], out [m, N]");
+  check((a.residual_out.data != nullptr) == has_res, "fused_norm_linear: residual and residual_out go together");
+  const TensorView* all[] = {&x, &g, &w, &out, has_res ? &a.residual : &x, has_res ? &a.residual_out : &x,
+                             has_bias ? &a.bias : &x};
+  for (const TensorView* t : all) {
+    check(t->dtype == x.dtype && t->device == x.device && t->is_contiguous(),
+          "fused_norm_linear: all tensors must be contiguous, of one dtype, on one device");
+  }
+  if (has_res) {
+    check(a.residual.ndim == 2 && a.residual.size(0) == m && a.residual.size(1) == k && a.residual_out.ndim == 2 &&
+              a.residual_out.size(0) == m && a.residual_out.size(1) == k,
+          "fused_norm_linear: residual and residual_out must be [m, K]");
+  }
+  if (has_bias) check(a.bias.ndim == 1 && a.bias.size(0) == n, "fused_norm_linear: bias must be [N]");
 }
 
 // A [num_seqs] per-row parameter of the sampling ops: 1-D (any stride), the given dtype, on `device`.

@@ -67,29 +67,34 @@ bool programmatic_launch_enabled(int device);
 
 // The second half of a decoder layer at a few token rows, as one op (float16/bfloat16, float32
 // accumulation, every intermediate rounded where the unfused ops store it):
-//   r = residual + hidden (rounded; written back into residual), or residual alone without hidden
+//   h = hidden . o_weight^T, o_weight [H, Q]           (with o_weight: hidden is the attention
+//                                                       output [m, Q]; rounded); else h = hidden
+//   r = residual + h (rounded), or residual alone without hidden
 //   x = RMSNorm(r) with norm_weight and eps           (RMSNorm's rounding)
 //   [g | u] = x . gate_up^T, gate_up [2I, H]          (each rounded, as the product's output)
-//   a = silu(g) * u                                    (SiluAndMul's rounding)
+//   a = silu(g) * u                                    (SiLU-and-mul's rounding)
 //   y = a . down^T, down [H, I]                        (rounded)
-//   out = y with hidden, else out = residual + y (rounded as the unfused add)
-// m <= kFusedMlpMaxRows rows of H; all tensors contiguous. With hidden, out may be hidden itself;
-// without, out may be residual itself; otherwise out overlaps no input.
-// CUDA: one kernel with a grid-wide barrier between the two products (every block must be resident
-// at once: the launch is sized so). Its products run on CUDA cores, which suits one or two rows. `workspace` (uint8, at least
-// fused_mlp_workspace_bytes) holds the barrier's two counters, zero before a launch and left zero
-// after it, and the [m, I] buffer of a. The CPU twin ignores it.
+//   out is residual: residual = r + y (rounded as the unfused add)
+//   out is another tensor: residual = r, out = y
+// m <= kFusedMlpMaxRows rows of H; all tensors contiguous. Without hidden, out must be residual.
+// out may be hidden itself; otherwise it overlaps no input.
+// CUDA: one kernel with a grid-wide barrier between the products (every block must be resident at
+// once: the launch is sized so). Its products run on CUDA cores, which suits one or two rows.
+// `workspace` (uint8, at least fused_mlp_workspace_bytes) holds the barriers' counters, zero before
+// a launch and left zero after it, and the [m, I] buffer of a and [m, H] of o's output. The CPU
+// twin ignores it.
 constexpr int64_t kFusedMlpMaxRows = 2;
-constexpr int64_t kFusedMlpWorkspaceHeader = 256;  // bytes before the buffer of a
+constexpr int64_t kFusedMlpWorkspaceHeader = 256;  // bytes of barrier counters before the buffers
 
 struct FusedMlpArgs {
-  TensorView hidden;  // data == nullptr: none
+  TensorView hidden;    // data == nullptr: none
+  TensorView o_weight;  // data == nullptr: none (hidden is then [m, H])
   TensorView residual, norm_weight, gate_up, down, out, workspace;
   float eps = 0.f;
 };
 
-inline int64_t fused_mlp_workspace_bytes(int64_t rows, int64_t intermediate, int64_t elem_bytes) {
-  return kFusedMlpWorkspaceHeader + rows * intermediate * elem_bytes;
+inline int64_t fused_mlp_workspace_bytes(int64_t rows, int64_t hidden, int64_t intermediate, int64_t elem_bytes) {
+  return kFusedMlpWorkspaceHeader + rows * (intermediate + hidden) * elem_bytes;
 }
 
 namespace cpu {
@@ -99,8 +104,36 @@ void fused_mlp(const FusedMlpArgs& args);
 #ifdef TINYSERVE_WITH_CUDA
 namespace cuda {
 void fused_mlp(const FusedMlpArgs& args, uintptr_t stream);
-// Whether the CUDA kernel takes m rows of these sizes on `device` (its shared memory holds x and a).
-bool fused_mlp_fits(int64_t rows, int64_t hidden, int64_t intermediate, int device);
+// Whether the CUDA kernel takes m rows of these sizes on `device` (its shared memory holds the
+// attention output of width attn (0: no o product), x and a).
+bool fused_mlp_fits(int64_t rows, int64_t hidden, int64_t intermediate, int64_t attn, int device);
+}  // namespace cuda
+#endif
+
+// ---- RMSNorm and one product for decode (Python side: tinyserve/ops/fused.py fused_norm_linear) ----
+
+// The start of a pre-norm block at a few token rows, as one op (float16/bfloat16, float32
+// accumulation, rounded where the unfused ops store):
+//   r = x + residual (rounded; stored into residual_out), or x alone without residual
+//   out = RMSNorm(r) . weight^T (+ bias), weight [N, K]   (RMSNorm's rounding; the product rounded once)
+// m <= kFusedMlpMaxRows rows of K; all tensors contiguous; out and residual_out overlap no input.
+// CUDA: one kernel streaming the weight on CUDA cores (weight_stream.cuh), no workspace.
+struct FusedNormLinearArgs {
+  TensorView x, residual, residual_out;  // residual, residual_out: data == nullptr without
+  TensorView norm_weight, weight, bias;  // bias: data == nullptr without
+  TensorView out;
+  float eps = 0.f;
+};
+
+namespace cpu {
+void fused_norm_linear(const FusedNormLinearArgs& args);
+}  // namespace cpu
+
+#ifdef TINYSERVE_WITH_CUDA
+namespace cuda {
+void fused_norm_linear(const FusedNormLinearArgs& args, uintptr_t stream);
+// Whether the CUDA kernel takes m rows of K on `device` (its shared memory holds the normalised x).
+bool fused_norm_linear_fits(int64_t rows, int64_t k, int device);
 }  // namespace cuda
 #endif
 

@@ -274,9 +274,7 @@ void paged_attention(const PagedAttentionArgs& a, uintptr_t stream_handle) {
   Params p = make_params(a);
   if (p.num_seqs == 0 || p.num_tokens == 0) return;
   const int device = a.out.device;
-  int current = -1;
-  check_cuda(cudaGetDevice(&current), "paged_attention: cudaGetDevice");
-  if (current != device) check_cuda(cudaSetDevice(device), "paged_attention: cudaSetDevice");
+  use_device(device, "paged_attention: cudaSetDevice");
   const DeviceInfo dev = device_info(device);
   cudaStream_t stream = as_stream(stream_handle);
 

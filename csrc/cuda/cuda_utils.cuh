@@ -71,6 +71,44 @@ __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
 // Whether a pointer allows 16-byte vector accesses.
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Make `device` current for the launches that follow (skips the driver call when it already is).
+inline void use_device(int device, const char* op) {
+  int current = -1;
+  check_cuda(cudaGetDevice(&current), op);
+  if (current != device) check_cuda(cudaSetDevice(device), op);
+}
+
+// The asm of load16, for one load instruction (string literal) of four u32 registers.
+#define TINYSERVE_PREDICATED_LOAD16(LOAD, v, ptr, valid)                 \
+  asm volatile(                                                          \
+      "{\n"                                                              \
+      "  .reg .pred p;\n"                                                \
+      "  setp.ne.b32 p, %5, 0;\n"                                        \
+      "  mov.b32 %0, 0;\n"                                               \
+      "  mov.b32 %1, 0;\n"                                               \
+      "  mov.b32 %2, 0;\n"                                               \
+      "  mov.b32 %3, 0;\n"                                               \
+      "  @p " LOAD " {%0, %1, %2, %3}, [%4];\n"                          \
+      "}\n"                                                              \
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)                       \
+      : "l"(ptr), "r"(static_cast<int>(valid)))
+
+// 16 bytes through the read-only path, zeros when !valid (nothing is read). Predicated in PTX, so
+// no branch splits a run of loads. kStream: not kept in L1 (a weight, read once); otherwise cached
+// (an activation every block of the SM reads). Only for data no kernel of the step writes.
+template <bool kStream>
+__device__ __forceinline__ uint4 load16(const void* ptr, bool valid) {
+  uint4 v;
+  if constexpr (kStream) {
+    TINYSERVE_PREDICATED_LOAD16("ld.global.nc.L1::no_allocate.v4.u32", v, ptr, valid);
+  } else {
+    TINYSERVE_PREDICATED_LOAD16("ld.global.nc.v4.u32", v, ptr, valid);
+  }
+  return v;
+}
+
+#undef TINYSERVE_PREDICATED_LOAD16
+
 // ---- programmatic dependent launch (PDL, sm_90+) ------------------------------------------------
 //
 // A kernel launched with PDL may start while the kernel before it in the stream is still running:

@@ -78,37 +78,6 @@ struct SkinnyParams {
   bool prefetch;     // ask L2 for the block's weight slice before waiting on the previous kernel
 };
 
-// The asm of load16, for one load instruction (string literal) of four u32 registers.
-#define TINYSERVE_PREDICATED_LOAD16(LOAD, v, ptr, valid)                 \
-  asm volatile(                                                          \
-      "{\n"                                                              \
-      "  .reg .pred p;\n"                                                \
-      "  setp.ne.b32 p, %5, 0;\n"                                        \
-      "  mov.b32 %0, 0;\n"                                               \
-      "  mov.b32 %1, 0;\n"                                               \
-      "  mov.b32 %2, 0;\n"                                               \
-      "  mov.b32 %3, 0;\n"                                               \
-      "  @p " LOAD " {%0, %1, %2, %3}, [%4];\n"                          \
-      "}\n"                                                              \
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)                       \
-      : "l"(ptr), "r"(static_cast<int>(valid)))
-
-// 16 bytes through the read-only path, zeros when !valid (nothing is read). Predicated in PTX, so
-// no branch splits a step's loads. kStream: not kept in L1 (the weight, read once); otherwise
-// cached (x: every block of the SM reads the same rows).
-template <bool kStream>
-__device__ __forceinline__ uint4 load16(const void* ptr, bool valid) {
-  uint4 v;
-  if constexpr (kStream) {
-    TINYSERVE_PREDICATED_LOAD16("ld.global.nc.L1::no_allocate.v4.u32", v, ptr, valid);
-  } else {
-    TINYSERVE_PREDICATED_LOAD16("ld.global.nc.v4.u32", v, ptr, valid);
-  }
-  return v;
-}
-
-#undef TINYSERVE_PREDICATED_LOAD16
-
 // Ask L2 for `bytes` (a multiple of 16) at a 16-byte aligned address; nothing is waited for.
 __device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -523,9 +492,7 @@ void skinny_gemm(const SkinnyGemmArgs& a, uintptr_t stream_handle) {
   check(k <= INT32_MAX && (n + kBlockRows - 1) / kBlockRows <= INT32_MAX,
         "skinny_gemm (CUDA): sizes past 2^31 are not supported");
   const int device = a.out.device;
-  int current = -1;
-  check_cuda(cudaGetDevice(&current), "skinny_gemm: cudaGetDevice");
-  if (current != device) check_cuda(cudaSetDevice(device), "skinny_gemm: cudaSetDevice");
+  use_device(device, "skinny_gemm: cudaSetDevice");
   cudaStream_t stream = as_stream(stream_handle);
   if (a.x.dtype == DType::kBFloat16) {
     launch_for<__nv_bfloat16>(a, device, stream);

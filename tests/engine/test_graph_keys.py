@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from tinyserve.runner.cuda_graphs import FUSED_MARGIN, FusedChoice, graph_batch_sizes, graph_len_bounds
+from tinyserve.runner.cuda_graphs import (
+    FUSED_MARGIN,
+    FusedChoice,
+    LayerForm,
+    graph_batch_sizes,
+    graph_len_bounds,
+)
 
 
 @pytest.mark.parametrize(
@@ -30,12 +36,22 @@ def test_batch_sizes():
 def test_layer_form_choice():
     """The fastest measured form wins only by more than FUSED_MARGIN over the plain layers; without
     a plain measurement (a forced choice narrowed the options) the fastest wins outright."""
-    plain, fused, plain_mlp, fused_mlp = (False, False), (True, False), (False, True), (True, True)
+    plain, fused = LayerForm(), LayerForm(fused=True)
+    plain_mlp, fused_mlp = LayerForm(fused_mlp=True), LayerForm(fused=True, fused_mlp=True)
+    qkv_mlp = LayerForm(fused_mlp=True, fused_qkv=True)
     just_under = 1.0 - FUSED_MARGIN * 0.5
     choice = FusedChoice(1, {plain: 1.0, fused: just_under, plain_mlp: 1.2, fused_mlp: 1.1})
     assert choice.form == plain and not choice.fused and not choice.fused_mlp
     choice = FusedChoice(1, {plain: 1.0, fused: 0.99, plain_mlp: 0.9, fused_mlp: 0.92})
-    assert choice.form == plain_mlp and choice.fused_mlp and not choice.fused
+    assert choice.form == plain_mlp and choice.fused_mlp and not choice.fused and not choice.fused_qkv
     assert choice.unfused_s == 1.0 and choice.fused_s == 0.99
+    choice = FusedChoice(1, {plain: 1.0, plain_mlp: 0.9, qkv_mlp: 0.85})
+    assert choice.form == qkv_mlp and choice.fused_qkv and choice.fused_mlp and choice.fused_s is None
     choice = FusedChoice(2, {fused: 1.0, fused_mlp: 0.999})
     assert choice.form == fused_mlp and choice.unfused_s is None
+
+
+def test_layer_form_names():
+    assert LayerForm().name == "unfused"
+    assert LayerForm(fused=True, fused_qkv=True).name == "fused + fused qkv"
+    assert LayerForm(fused_mlp=True, fused_qkv=True).name == "unfused + fused MLP + fused qkv"

@@ -344,8 +344,9 @@ def test_fused_layers_match_unfused(tmp_path, monkeypatch):
             assert [c.batch_size for c in graphs.fused_choices] == [1, 2, 4, 8, 16]
             assert all(c.unfused_s > 0 and c.fused_s > 0 for c in graphs.fused_choices)
             assert fused_rows == frozenset(c.batch_size for c in graphs.fused_choices if c.fused)
-            mlp_rows = llm.engine.runner.model.model.mlp_rows
-            assert mlp_rows == frozenset(c.batch_size for c in graphs.fused_choices if c.fused_mlp)
+            inner = llm.engine.runner.model.model
+            assert inner.mlp_rows == frozenset(c.batch_size for c in graphs.fused_choices if c.fused_mlp)
+            assert inner.qkv_rows == frozenset(c.batch_size for c in graphs.fused_choices if c.fused_qkv)
 
     outs = _greedy_under_modes(
         tmp_path, monkeypatch, "TINYSERVE_FUSED_LAYERS", ("0", "1", "auto"), batches, check
@@ -362,6 +363,7 @@ def test_fused_mlp_matches_plain(tmp_path, monkeypatch):
     save_tiny_checkpoint("qwen3", tmp_path, seed=4)
     batches = [[9], [40, 100]]
     monkeypatch.setenv("TINYSERVE_FUSED_LAYERS", "0")
+    monkeypatch.setenv("TINYSERVE_FUSED_QKV", "0")
 
     def check(mode, llm) -> None:
         mlp_rows = llm.engine.runner.model.model.mlp_rows
@@ -369,3 +371,29 @@ def test_fused_mlp_matches_plain(tmp_path, monkeypatch):
 
     outs = _greedy_under_modes(tmp_path, monkeypatch, "TINYSERVE_FUSED_MLP", ("0", "1"), batches, check)
     _same_batches(batches, outs["1"], outs["0"], "fused MLP vs plain")
+
+
+@pytest.mark.parametrize("layers", ["0", "1"])
+def test_fused_qkv_matches_plain(tmp_path, monkeypatch, layers):
+    """bf16 decode graphs with the input norm and qkv product as one op (TINYSERVE_FUSED_QKV=1:
+    batch sizes 1 and 2), in the unfused and the skinny fused layer forms, with the fused MLP,
+    against graphs with neither (=0): the same greedy tokens, alone and batched, or a near tie at
+    the first difference."""
+    from tests.models.tiny_models import save_tiny_checkpoint
+
+    save_tiny_checkpoint("qwen2", tmp_path, seed=5)  # q/k/v biases: the op's bias path
+    batches = [[11], [33, 90]]
+    monkeypatch.setenv("TINYSERVE_FUSED_LAYERS", layers)
+
+    def check(mode, llm) -> None:
+        inner = llm.engine.runner.model.model
+        want = frozenset({1, 2}) if mode == "1" else frozenset()
+        assert inner.qkv_rows == want and inner.mlp_rows == want
+
+    def run(mode):
+        monkeypatch.setenv("TINYSERVE_FUSED_MLP", mode)
+        return _greedy_under_modes(tmp_path, monkeypatch, "TINYSERVE_FUSED_QKV", (mode,), batches, check)[
+            mode
+        ]
+
+    _same_batches(batches, run("1"), run("0"), f"fused qkv + MLP vs plain (layers {layers})")

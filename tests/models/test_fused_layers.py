@@ -19,11 +19,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def _decode_step_both_ways(
-    model, lengths, fused_layers: bool, fused_mlp: bool
+    model, lengths, fused_layers: bool, fused_mlp: bool, fused_qkv: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill prompts of `lengths`, then one decode step (a token each) twice from the same KV
-    cache: with the plain layers, then with the fused layers and/or the fused MLP at that step's
-    size (reset afterwards). Returns the two steps' logits [len(lengths), vocab]."""
+    cache: with the plain layers, then with the fused layers, the fused MLP and/or the fused qkv at
+    that step's size (reset afterwards). Returns the two steps' logits [len(lengths), vocab]."""
     inner, rows = model.model, frozenset({len(lengths)})
     runner = PagedRunner(model, num_blocks=32, block_size=16)
     prompts = {i: random_prompt(n, seed=n) for i, n in enumerate(lengths)}
@@ -36,11 +36,13 @@ def _decode_step_both_ways(
         runner.num_cached[i] -= 1
     inner.fused_rows = rows if fused_layers else frozenset()
     inner.use_fused_mlp(rows if fused_mlp else frozenset())
+    inner.qkv_rows = rows if fused_qkv else frozenset()
     try:
         other = runner.step(batch)
     finally:
         inner.fused_rows = frozenset()
         inner.use_fused_mlp(frozenset())
+        inner.qkv_rows = frozenset()
     return plain, other
 
 
@@ -89,14 +91,15 @@ def test_fused_needs_half_precision(family) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fused_layers", [False, True], ids=["unfused-layers", "fused-layers"])
 def test_fused_mlp_step_matches_plain(family, device, fused_layers) -> None:
-    """One batched decode step (2 sequences) with the post-attention norm and MLP as one op
-    (LlamaMLP.fused), in the unfused and the fused layer form, against the plain unfused layers
+    """One batched decode step (2 sequences) with o_proj, the post-attention norm and the MLP as one
+    op (LlamaMLP.fused), in the unfused and the fused layer form, against the plain unfused layers
     from the same KV cache: the logits agree to bf16 rounding of the products, and so do the picks."""
     name, _, path = family
     model, _ = load_model(path, device=device, dtype=torch.bfloat16)
     inner = model.model
     assert inner.mlp_rows == frozenset()
-    if model.arch_config.mlp_bias:  # the fused MLP has no bias terms: such models keep the plain MLP
+    cfg = model.arch_config
+    if cfg.mlp_bias or cfg.o_bias:  # the fused MLP has no bias terms: such models keep the plain MLP
         assert not inner.fused_mlp_supported(2)
         with pytest.raises(ValueError, match="does not take"):
             inner.use_fused_mlp(frozenset({2}))
@@ -113,8 +116,8 @@ def test_fused_mlp_greedy_matches_transformers(family, device) -> None:
     name, hf_model, path = family
     hf = copy.deepcopy(hf_model).to(device, torch.bfloat16)
     model, _ = load_model(path, device=device, dtype=torch.bfloat16)
-    if model.arch_config.mlp_bias:
-        pytest.skip(f"{name} has MLP biases, which the fused MLP does not take (see the test above)")
+    if model.arch_config.mlp_bias or model.arch_config.o_bias:
+        pytest.skip(f"{name} has MLP or o biases, which the fused MLP does not take (see the test above)")
     model.model.use_fused_mlp(frozenset({1}))
     prompt = random_prompt(13, seed=9)
     tokens, step_logits = PagedRunner(model, num_blocks=16, block_size=16, seed=2).greedy(0, prompt, 24)
@@ -128,3 +131,43 @@ def test_fused_mlp_refuses_what_it_cannot_take(family) -> None:
     assert not model.model.fused_mlp_supported(1)
     with pytest.raises(ValueError, match="does not take"):
         model.model.use_fused_mlp(frozenset({1}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused_layers", [False, True], ids=["unfused-layers", "fused-layers"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_fused_qkv_step_matches_plain(family, device, fused_layers, rows) -> None:
+    """One decode step with the input norm and the qkv product as one op (LlamaAttention.fused_qkv),
+    in both layer forms, against the plain unfused layers from the same KV cache: the logits agree
+    to bf16 rounding of the products, and so do the picks. Every family, q/k/v biases included."""
+    name, _, path = family
+    model, _ = load_model(path, device=device, dtype=torch.bfloat16)
+    inner = model.model
+    assert inner.qkv_rows == frozenset()
+    assert inner.fused_qkv_supported(rows) and not inner.fused_qkv_supported(3)
+    lengths = (7, 40)[:rows]
+    plain, fused = _decode_step_both_ways(
+        model, lengths, fused_layers=fused_layers, fused_mlp=False, fused_qkv=True
+    )
+    _same_picks(fused, plain, f"{name} fused qkv against plain")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_qkv_and_mlp_greedy_matches_transformers(family, device) -> None:
+    """Greedy decoding with every decode step's qkv fused (and the MLP where the model takes it):
+    transformers' tokens in bf16, or a near tie at the first difference."""
+    name, hf_model, path = family
+    hf = copy.deepcopy(hf_model).to(device, torch.bfloat16)
+    model, _ = load_model(path, device=device, dtype=torch.bfloat16)
+    model.model.qkv_rows = frozenset({1})
+    if model.model.fused_mlp_supported(1):
+        model.model.use_fused_mlp(frozenset({1}))
+    prompt = random_prompt(12, seed=10)
+    tokens, step_logits = PagedRunner(model, num_blocks=16, block_size=16, seed=2).greedy(0, prompt, 24)
+    check_greedy_close(hf, prompt, tokens, step_logits, f"{name} fused qkv bf16 on {device}")
+
+
+def test_fused_qkv_needs_half_precision(family) -> None:
+    _, _, path = family
+    model, _ = load_model(path, device="cpu", dtype=torch.float32)
+    assert not model.model.fused_qkv_supported(1)

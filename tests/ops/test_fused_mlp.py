@@ -1,6 +1,6 @@
-"""ops.fused_mlp (the decoder layer's residual add, RMSNorm, gate/up product, SiLU-and-mul, down
-product and output add in one op) against the unfused ops and a float64 reference, on the CPU twin
-and CUDA; its grid barrier's counters, CUDA-graph replay and bad input."""
+"""ops.fused_mlp (the decoder layer's o product, residual add, RMSNorm, gate/up product, SiLU-and-mul,
+down product and output add in one op) against the unfused ops and a float64 reference, on the CPU
+twin and CUDA; its grid barriers' counters, CUDA-graph replay and bad input."""
 
 from __future__ import annotations
 
@@ -62,19 +62,25 @@ def _close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float) -> None
 @pytest.mark.parametrize(
     ("m", "h", "inter"), [(1, 1024, 3072), (2, 200, 328), (1, 256, 1024), (2, 64, 2056), (1, 2048, 14336)]
 )
-@pytest.mark.parametrize("with_hidden", [True, False])
-def test_matches_unfused_ops(device, dtype, m, h, inter, with_hidden) -> None:
+@pytest.mark.parametrize("mode", ["hidden", "no hidden", "hidden into residual"])
+def test_matches_unfused_ops(device, dtype, m, h, inter, mode) -> None:
     norm, gate_up, down = _weights(h, inter, dtype, device, seed=m + h)
     residual, hidden = _stream(m, h, dtype, device, seed=inter)
-    if not with_hidden:
+    if mode == "no hidden":
         hidden = None
     y_ref, r_ref = _unfused(residual, hidden, norm, gate_up, down)
     y64, r64 = _float64(residual, hidden, norm, gate_up, down)
-    workspace = ops.fused_mlp_workspace(m, inter, dtype, device)
+    workspace = ops.fused_mlp_workspace(m, h, inter, dtype, device)
     res, hid = residual.clone(), hidden.clone() if hidden is not None else None
+    what = f"{device} {dtype} m={m} H={h} I={inter} {mode}"
+    if mode == "hidden into residual":  # residual += hidden, then += y: two rounded adds
+        out = ops.fused_mlp(res, norm, EPS, gate_up, down, workspace, hidden=hid, out=res)
+        assert out is res and torch.equal(hid, hidden)
+        _close(out, r_ref + y_ref, what + " vs unfused", 2e-2)
+        _close(out, r64 + y64, what + " vs float64", 4e-2)
+        return
     out = ops.fused_mlp(res, norm, EPS, gate_up, down, workspace, hidden=hid)
-    what = f"{device} {dtype} m={m} H={h} I={inter} hidden={with_hidden}"
-    if with_hidden:
+    if hidden is not None:
         assert out.data_ptr() == hid.data_ptr()  # in place by default
         assert torch.equal(res, r_ref), what  # the residual add rounds exactly as the unfused one
         _close(out, y_ref, what + " vs unfused", 2e-2)
@@ -98,7 +104,7 @@ def test_separate_out(device) -> None:
         EPS,
         gate_up,
         down,
-        ops.fused_mlp_workspace(2, 256, torch.bfloat16, device),
+        ops.fused_mlp_workspace(2, 128, 256, torch.bfloat16, device),
         hidden=hid,
         out=out,
     )
@@ -114,7 +120,7 @@ def test_cuda_repeated_calls_and_graph_replay() -> None:
     dtype, device, m, h, inter = torch.bfloat16, "cuda", 2, 1024, 3072
     layers = [_weights(h, inter, dtype, device, seed=s) for s in range(3)]
     residual0, hidden0 = _stream(m, h, dtype, device, seed=5)
-    workspace = ops.fused_mlp_workspace(m, inter, dtype, device)
+    workspace = ops.fused_mlp_workspace(m, h, inter, dtype, device)
 
     def step(residual: torch.Tensor) -> torch.Tensor:
         for norm, gate_up, down in layers:
@@ -155,16 +161,19 @@ def test_cuda_supported_sizes() -> None:
     assert not ops.fused_mlp_supported(3, 1024, 3072, torch.bfloat16, "cuda")
     norm, gate_up, down = _weights(1024, 32768, torch.bfloat16, "cuda", seed=3)
     residual, _ = _stream(2, 1024, torch.bfloat16, "cuda", seed=4)
-    ws = ops.fused_mlp_workspace(2, 32768, torch.bfloat16, "cuda")
+    ws = ops.fused_mlp_workspace(2, 1024, 32768, torch.bfloat16, "cuda")
     with pytest.raises(ValueError, match="shared memory"):
         ops.fused_mlp(residual, norm, EPS, gate_up, down, ws)
+    # with the o product, the attention output of every row is staged too
+    assert ops.fused_mlp_supported(2, 4096, 14336, torch.bfloat16, "cuda", attn=4096)
+    assert not ops.fused_mlp_supported(2, 1024, 3072, torch.bfloat16, "cuda", attn=32768)
 
 
 def test_bad_input() -> None:
     dtype = torch.bfloat16
     norm, gate_up, down = _weights(64, 96, dtype, "cpu", seed=0)
     residual, hidden = _stream(2, 64, dtype, "cpu", seed=0)
-    ws = ops.fused_mlp_workspace(2, 96, dtype, "cpu")
+    ws = ops.fused_mlp_workspace(2, 64, 96, dtype, "cpu")
     with pytest.raises(ValueError, match="1 to 2 rows"):
         ops.fused_mlp(torch.zeros(3, 64, dtype=dtype), norm, EPS, gate_up, down, ws)
     with pytest.raises(TypeError, match="float16, bfloat16"):
@@ -178,8 +187,92 @@ def test_bad_input() -> None:
     with pytest.raises(ValueError, match="must not overlap residual"):
         ops.fused_mlp(residual, norm, EPS, gate_up, down, ws, hidden=residual)
     with pytest.raises(ValueError, match="overlap none"):
-        ops.fused_mlp(residual, norm, EPS, gate_up, down, ws, hidden=hidden, out=residual)
+        ops.fused_mlp(residual, norm, EPS, gate_up, down, ws, hidden=hidden, out=residual[:])
+    o = (torch.randn(64, 32) * 0.1).to(dtype)
+    with pytest.raises(ValueError, match="o_weight needs hidden"):
+        ops.fused_mlp(residual, norm, EPS, gate_up, down, ws, o_weight=o)
+    with pytest.raises(ValueError, match="attention output"):
+        ops.fused_mlp(residual, norm, EPS, gate_up, down, ws, hidden=hidden, o_weight=o)
+    with pytest.raises(ValueError, match="o_weight must be"):
+        ops.fused_mlp(residual, norm, EPS, gate_up, down, ws, hidden=hidden[:, :32], o_weight=o[:32])
     with pytest.raises(ValueError, match="contiguous"):
         ops.fused_mlp(residual, norm, EPS, gate_up.T.contiguous().T, down, ws)
     with pytest.raises(TypeError, match="dtype"):
         ops.fused_mlp(residual, norm, EPS, gate_up.half(), down, ws)
+
+
+def _o_weight(h: int, q: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(h, q, generator=g) * q**-0.5).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("m", "h", "q", "inter"),
+    [
+        (1, 1024, 2048, 3072),
+        (2, 1024, 2048, 3072),
+        (2, 200, 136, 328),
+        (1, 4096, 4096, 1024),
+        (2, 64, 2056, 96),
+    ],
+)
+@pytest.mark.parametrize("separate", [False, True], ids=["into-residual", "separate-out"])
+def test_with_o_matches_unfused_ops(device, dtype, m, h, q, inter, separate) -> None:
+    """With o_weight, hidden is the attention output: the o product (rounded) comes first, then the
+    block as without it."""
+    norm, gate_up, down = _weights(h, inter, dtype, device, seed=m + h)
+    o = _o_weight(h, q, dtype, device, seed=q)
+    residual, _ = _stream(m, h, dtype, device, seed=inter)
+    attn = torch.randn(m, q, generator=torch.Generator().manual_seed(m * q)).to(dtype).to(device)
+    o_out = F.linear(attn, o)  # the unfused o product, rounded to dtype
+    y_ref, r_ref = _unfused(residual, o_out, norm, gate_up, down)
+    y64, r64 = _float64(residual, attn.double() @ o.double().T, norm, gate_up, down)
+    workspace = ops.fused_mlp_workspace(m, h, inter, dtype, device)
+    res, a = residual.clone(), attn.clone()
+    what = f"{device} {dtype} m={m} H={h} Q={q} I={inter} separate={separate}"
+    if separate:
+        out = torch.full_like(residual, 3.0)
+        got = ops.fused_mlp(res, norm, EPS, gate_up, down, workspace, hidden=a, out=out, o_weight=o)
+        assert got is out and torch.equal(a, attn)
+        _close(res, r_ref, what + " residual vs unfused", 1e-2)
+        _close(out, y_ref, what + " vs unfused", 2e-2)
+        _close(out, y64, what + " vs float64", 4e-2)
+    else:
+        got = ops.fused_mlp(res, norm, EPS, gate_up, down, workspace, hidden=a, o_weight=o)
+        assert got is res and torch.equal(a, attn)
+        _close(res, r_ref + y_ref, what + " vs unfused", 2e-2)
+        _close(res, r64 + y64, what + " vs float64", 4e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_with_o_repeated_calls_and_graph_replay() -> None:
+    """Both grid barriers' counters are zero after every launch: back-to-back launches with the o
+    product and graph replays give the eager result every time."""
+    dtype, device, m, h, q, inter = torch.bfloat16, "cuda", 2, 1024, 2048, 3072
+    layers = [
+        (*_weights(h, inter, dtype, device, seed=s), _o_weight(h, q, dtype, device, seed=s)) for s in range(3)
+    ]
+    residual0, _ = _stream(m, h, dtype, device, seed=6)
+    attn = torch.randn(m, q, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+    workspace = ops.fused_mlp_workspace(m, h, inter, dtype, device)
+
+    def step(residual: torch.Tensor) -> torch.Tensor:
+        for norm, gate_up, down, o in layers:
+            ops.fused_mlp(residual, norm, EPS, gate_up, down, workspace, hidden=attn, o_weight=o)
+        return residual
+
+    eager = step(residual0.clone())
+    torch.cuda.synchronize()
+    assert int(workspace[:16].count_nonzero()) == 0
+    for _ in range(3):
+        assert torch.equal(step(residual0.clone()), eager)
+    stream = residual0.clone()
+    graph, result = capture(lambda: step(stream))
+    for _ in range(3):
+        stream.copy_(residual0)
+        graph.replay()
+        assert torch.equal(result, eager)
+    torch.cuda.synchronize()
+    assert int(workspace[:16].count_nonzero()) == 0

@@ -41,6 +41,18 @@ class LlamaAttention(nn.Module):
         """hidden [num_tokens, hidden_size] -> [num_tokens, hidden_size]."""
         return self.o_proj(self.attend(self.qkv_proj(hidden), rope, md))
 
+    def fused_qkv(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qkv, new residual) of the input norm and the qkv product as one op (ops.fused_norm_linear):
+        with residual, the new residual is x + residual (a new tensor); without, x itself."""
+        w, bias = self.qkv_proj.weight, self.qkv_proj.bias
+        return ops.fused_norm_linear(x, norm.weight, norm.eps, w, residual, bias)
+
+    def fused_qkv_supported(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether fused_qkv takes `rows` token rows (sizes, dtype and device the op takes)."""
+        return ops.fused_norm_linear_supported(rows, self.qkv_proj.input_size, dtype, device)
+
     def attend(self, qkv: torch.Tensor, rope: BoundRope, md: AttentionMetadata) -> torch.Tensor:
         """The projected [q | k | v] [num_tokens, q_size + 2 * kv_size] -> attention output
         [num_tokens, q_size], before o_proj."""
@@ -68,20 +80,39 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))  # [num_tokens, hidden_size]
 
     def fused(
-        self, hidden: torch.Tensor | None, residual: torch.Tensor, norm: RMSNorm, workspace: torch.Tensor
+        self,
+        attn_out: torch.Tensor,
+        residual: torch.Tensor,
+        norm: RMSNorm,
+        workspace: torch.Tensor,
+        o_proj: Linear,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """norm, this MLP and the residual adds around it as one op (ops.fused_mlp). With hidden (the
-        attention block's output): residual += hidden in place, and the MLP output is written over
-        hidden and returned. Without: residual += MLP(norm(residual)) in place, residual returned."""
+        """The attention's o projection, the norm, this MLP and the residual adds around them as one
+        op (ops.fused_mlp). attn_out: the attention output, before o_proj. With out: residual +=
+        o(attn_out) in place and the MLP output is written into out (returned). Without:
+        residual += o(attn_out) + MLP(norm(...)) in place, residual returned."""
         gate_up, down = self.gate_up_proj.weight, self.down_proj.weight
-        return ops.fused_mlp(residual, norm.weight, norm.eps, gate_up, down, workspace, hidden)
+        return ops.fused_mlp(
+            residual,
+            norm.weight,
+            norm.eps,
+            gate_up,
+            down,
+            workspace,
+            attn_out,
+            out if out is not None else residual,
+            o_weight=o_proj.weight,
+        )
 
-    def fused_supported(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether `fused` takes `rows` token rows (no biases; sizes, dtype and device the op takes)."""
-        if self.gate_up_proj.bias is not None or self.down_proj.bias is not None:
+    def fused_supported(self, rows: int, dtype: torch.dtype, device: torch.device, o_proj: Linear) -> bool:
+        """Whether `fused` takes `rows` token rows with this o projection (no biases; sizes, dtype and
+        device the op takes)."""
+        biases = (self.gate_up_proj.bias, self.down_proj.bias, o_proj.bias)
+        if any(b is not None for b in biases):
             return False
         h, inter = self.down_proj.output_size, self.down_proj.input_size
-        return ops.fused_mlp_supported(rows, h, inter, dtype, device)
+        return ops.fused_mlp_supported(rows, h, inter, dtype, device, attn=o_proj.input_size)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -99,15 +130,24 @@ class LlamaDecoderLayer(nn.Module):
         rope: BoundRope,
         md: AttentionMetadata,
         mlp_workspace: torch.Tensor | None = None,
+        fused_qkv: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden, residual) -> (hidden, residual); their sum is the layer's output stream. With
-        `mlp_workspace`, the post-attention norm and the MLP run as one op (LlamaMLP.fused).
+        """(hidden, residual) -> (hidden, residual); their sum is the layer's output stream.
+        fused_qkv: the input norm and the qkv product run as one op (LlamaAttention.fused_qkv). With
+        `mlp_workspace`, o_proj, the post-attention norm and the MLP run as one op (LlamaMLP.fused).
         NOTE: the norms update hidden and residual in place."""
-        hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, rope, md)
+        attn = self.self_attn
+        if fused_qkv:
+            qkv, residual = attn.fused_qkv(hidden, residual, self.input_layernorm)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+            qkv = attn.qkv_proj(hidden)
+        attn_out = attn.attend(qkv, rope, md)
         if mlp_workspace is not None:
-            return self.mlp.fused(hidden, residual, self.post_attention_layernorm, mlp_workspace), residual
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+            out = torch.empty_like(residual)
+            norm = self.post_attention_layernorm
+            return self.mlp.fused(attn_out, residual, norm, mlp_workspace, attn.o_proj, out), residual
+        hidden, residual = self.post_attention_layernorm(attn.o_proj(attn_out), residual)
         return self.mlp(hidden), residual
 
     def forward_fused(
@@ -116,17 +156,23 @@ class LlamaDecoderLayer(nn.Module):
         rope: BoundRope,
         md: AttentionMetadata,
         mlp_workspace: torch.Tensor | None = None,
+        fused_qkv: bool = False,
     ) -> None:
         """The layer at decode sizes as four skinny products and the attention: the norms ride in the
         qkv and gate_up products, SiLU-and-mul in down, and o and down add their output to the
         residual stream [num_tokens, hidden_size], which is updated in place. Same values as
-        forward() up to the products' summation order."""
+        forward() up to the products' summation order. fused_qkv and mlp_workspace replace the qkv
+        product, and o with the MLP, by the ops forward() uses for them."""
         attn, mlp = self.self_attn, self.mlp
-        qkv = attn.qkv_proj.fused(residual, norm=self.input_layernorm)
-        attn.o_proj.fused(attn.attend(qkv, rope, md), residual=residual)
+        if fused_qkv:
+            qkv, _ = attn.fused_qkv(residual, None, self.input_layernorm)
+        else:
+            qkv = attn.qkv_proj.fused(residual, norm=self.input_layernorm)
+        attn_out = attn.attend(qkv, rope, md)
         if mlp_workspace is not None:
-            mlp.fused(None, residual, self.post_attention_layernorm, mlp_workspace)
+            mlp.fused(attn_out, residual, self.post_attention_layernorm, mlp_workspace, attn.o_proj)
             return
+        attn.o_proj.fused(attn_out, residual=residual)
         gate_up = mlp.gate_up_proj.fused(residual, norm=self.post_attention_layernorm)
         mlp.down_proj.fused(gate_up, silu_input=True, residual=residual)
 
@@ -156,10 +202,13 @@ class LlamaModel(nn.Module):
         # Token counts whose forward runs the fused decoder layers (LlamaDecoderLayer.forward_fused):
         # chosen per card by the runner where they are measured faster; empty until then.
         self.fused_rows: frozenset[int] = frozenset()
-        # Token counts whose decoder layers run the post-attention norm and the MLP as one op
+        # Token counts whose decoder layers run o_proj, the post-attention norm and the MLP as one op
         # (LlamaMLP.fused), and its workspace: set by the runner through use_fused_mlp().
         self.mlp_rows: frozenset[int] = frozenset()
         self._mlp_workspace: torch.Tensor | None = None
+        # Token counts whose decoder layers run the input norm and the qkv product as one op
+        # (LlamaAttention.fused_qkv): set by the runner.
+        self.qkv_rows: frozenset[int] = frozenset()
 
     def fused_supported(self, num_tokens: int) -> bool:
         """Whether the fused decoder layers take a step of num_tokens tokens (shapes, dtype, device)."""
@@ -168,9 +217,17 @@ class LlamaModel(nn.Module):
         return all(layer.fused_supported(probe) for layer in self.layers)
 
     def fused_mlp_supported(self, num_tokens: int) -> bool:
-        """Whether every layer's MLP runs as one op (LlamaMLP.fused) at num_tokens tokens."""
+        """Whether every layer's o_proj and MLP run as one op (LlamaMLP.fused) at num_tokens tokens."""
         dtype, device = self.norm.weight.dtype, self.norm.weight.device
-        return all(layer.mlp.fused_supported(num_tokens, dtype, device) for layer in self.layers)
+        return all(
+            layer.mlp.fused_supported(num_tokens, dtype, device, layer.self_attn.o_proj)
+            for layer in self.layers
+        )
+
+    def fused_qkv_supported(self, num_tokens: int) -> bool:
+        """Whether every layer's input norm and qkv product run as one op at num_tokens tokens."""
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        return all(layer.self_attn.fused_qkv_supported(num_tokens, dtype, device) for layer in self.layers)
 
     def use_fused_mlp(self, rows: frozenset[int]) -> None:
         """Run the fused MLP at these token counts (each must be fused_mlp_supported). Allocates its
@@ -180,10 +237,13 @@ class LlamaModel(nn.Module):
             raise ValueError(f"the fused MLP does not take {bad} token rows for this model and device")
         if rows:
             weight = self.norm.weight
+            h = weight.shape[0]
             inter = max(layer.mlp.down_proj.input_size for layer in self.layers)
-            size = ops.fused_mlp_workspace_bytes(max(rows), inter, weight.dtype)
+            size = ops.fused_mlp_workspace_bytes(max(rows), h, inter, weight.dtype)
             if self._mlp_workspace is None or self._mlp_workspace.numel() < size:
-                self._mlp_workspace = ops.fused_mlp_workspace(max(rows), inter, weight.dtype, weight.device)
+                self._mlp_workspace = ops.fused_mlp_workspace(
+                    max(rows), h, inter, weight.dtype, weight.device
+                )
         self.mlp_rows = frozenset(rows)
 
     def forward(
@@ -193,13 +253,15 @@ class LlamaModel(nn.Module):
         rope = self.rotary_emb.at(positions)  # bound once, used by every layer
         num_tokens = input_ids.shape[0]
         mlp_ws = self._mlp_workspace if num_tokens in self.mlp_rows else None
+        fused_qkv = num_tokens in self.qkv_rows
         if num_tokens in self.fused_rows:
             for layer in self.layers:
-                layer.forward_fused(hidden, rope, md, mlp_ws)  # hidden is the residual stream, in place
+                # hidden is the residual stream, in place
+                layer.forward_fused(hidden, rope, md, mlp_ws, fused_qkv)
             return self.norm.normalize(hidden)
         residual: torch.Tensor | None = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, rope, md, mlp_ws)
+            hidden, residual = layer(hidden, residual, rope, md, mlp_ws, fused_qkv)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

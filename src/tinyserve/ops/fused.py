@@ -256,39 +256,73 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     return out
 
 
-FUSED_MLP_MAX_ROWS: int = _C.fused_mlp_max_rows
+FUSED_MLP_MAX_ROWS: int = _C.fused_mlp_max_rows  # also fused_norm_linear's
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def fused_mlp_workspace_bytes(rows: int, intermediate: int, dtype: torch.dtype) -> int:
-    """Bytes of a `fused_mlp` workspace for up to `rows` rows of `intermediate` in `dtype`."""
-    return _C.fused_mlp_workspace_header + rows * intermediate * torch.tensor([], dtype=dtype).element_size()
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def _device_index(device: torch.device) -> int | None:
+    """-1 for the CPU, the CUDA index, or None where the extension has no CUDA kernels."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return -1
+    if device.type != "cuda" or not _C.build_info()["cuda"]:
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def fused_mlp_workspace_bytes(rows: int, hidden: int, intermediate: int, dtype: torch.dtype) -> int:
+    """Bytes of a `fused_mlp` workspace for up to `rows` rows of H = hidden, I = intermediate."""
+    return _C.fused_mlp_workspace_header + rows * (intermediate + hidden) * _element_size(dtype)
 
 
 def fused_mlp_workspace(
-    rows: int, intermediate: int, dtype: torch.dtype, device: torch.device
+    rows: int, hidden: int, intermediate: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """A workspace for `fused_mlp` of up to `rows` rows: uint8, zeroed (its barrier counters must
     start at zero; the kernel leaves them so). Allocate it once, outside CUDA-graph capture."""
-    return torch.zeros(fused_mlp_workspace_bytes(rows, intermediate, dtype), dtype=torch.uint8, device=device)
+    size = fused_mlp_workspace_bytes(rows, hidden, intermediate, dtype)
+    return torch.zeros(size, dtype=torch.uint8, device=device)
 
 
 def fused_mlp_supported(
-    rows: int, hidden: int, intermediate: int, dtype: torch.dtype, device: torch.device
+    rows: int,
+    hidden: int,
+    intermediate: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    attn: int = 0,
 ) -> bool:
     """Whether `fused_mlp` takes `rows` rows of these sizes in this dtype on this device (CUDA: the
-    extension holds the kernel and its shared memory holds a row block)."""
-    if dtype not in _HALF_DTYPES or hidden % 8 or intermediate % 8:
+    extension holds the kernel and its shared memory holds a row block). attn: Q, the width of the
+    attention output with an o projection, else 0."""
+    if dtype not in _HALF_DTYPES or hidden % 8 or intermediate % 8 or attn % 8:
         return False
-    device = torch.device(device)
-    if device.type == "cuda" and not _C.build_info()["cuda"]:
-        return False
-    index = (
-        -1
-        if device.type == "cpu"
-        else (device.index if device.index is not None else torch.cuda.current_device())
-    )
-    return bool(_C.fused_mlp_fits(rows, hidden, intermediate, index))
+    index = _device_index(device)
+    return index is not None and bool(_C.fused_mlp_fits(rows, hidden, intermediate, attn, index))
+
+
+def _check_half_rows(op: str, name: str, t: object) -> tuple[int, int]:
+    """t is a contiguous float16/bfloat16 [m, n] tensor with 1 <= m <= FUSED_MLP_MAX_ROWS."""
+    t = _check_float(name, t)
+    if t.dtype not in _HALF_DTYPES:
+        raise TypeError(f"{name} has dtype {_name(t.dtype)}; {op} supports float16, bfloat16")
+    if t.dim() != 2 or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous 2-D [m, n] tensor, got shape {tuple(t.shape)}")
+    m, n = t.shape
+    if not 1 <= m <= FUSED_MLP_MAX_ROWS:
+        raise ValueError(f"{op} takes 1 to {FUSED_MLP_MAX_ROWS} rows, got {m}")
+    return m, n
+
+
+def _check_matrix(name: str, w: object, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
+    w = _check_like(name, w, ref, ref_name, same_shape=False)
+    if w.dim() != 2 or not w.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous 2-D tensor, got shape {tuple(w.shape)}")
+    return w
 
 
 def fused_mlp(
@@ -300,14 +334,21 @@ def fused_mlp(
     workspace: torch.Tensor,
     hidden: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    o_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The second half of a pre-norm SwiGLU decoder layer at decode sizes, as one kernel on CUDA:
+    """The second half of a pre-norm SwiGLU decoder layer at decode sizes, as one kernel on CUDA.
+    With h = hidden, or h = o(hidden) = hidden . o_weight^T when o_weight is given (hidden is then
+    the attention output, before its o projection), and y = down(silu(gate) * up) of
+    RMSNorm(residual + h):
 
-        with hidden:    residual += hidden (in place); returns down(silu(gate) * up) of RMSNorm(residual)
-        without hidden: residual += down(silu(gate) * up) of RMSNorm(residual) (in place); returns residual
+        out is residual:  residual += h, then += y, in place (two rounded adds); returns residual
+        out elsewhere:    residual += h in place; out = y; returns out
+        no hidden:        residual += y of RMSNorm(residual) in place; returns residual
 
-    Every intermediate is rounded to the dtype where the unfused ops (fused_add_rms_norm, the
-    gate_up product, silu_and_mul, the down product, the residual add) store it, so the results
+    out defaults to residual with o_weight and to hidden (overwritten) without.
+
+    Every intermediate is rounded to the dtype where the unfused ops (o product, fused_add_rms_norm,
+    the gate_up product, silu_and_mul, the down product, the residual adds) store it, so the results
     match them up to the products' summation order.
 
     Args:
@@ -315,27 +356,16 @@ def fused_mlp(
         norm_weight: [H], the post-attention RMSNorm's weight; eps its epsilon.
         gate_up_weight: [2I, H], the gate rows then the up rows (MergedLinear's layout).
         down_weight: [H, I].
-        workspace: from `fused_mlp_workspace` for at least m rows of I (CUDA; unused on the CPU).
-        hidden: optional [m, H], the attention block's output.
-        out: where the product goes with hidden (default: hidden itself, overwritten); must be None
-            without hidden (the result goes into residual).
+        workspace: from `fused_mlp_workspace` for at least m rows of H and I (CUDA; unused on the CPU).
+        hidden: optional [m, H], the attention block's output, or [m, Q] with o_weight.
+        out: optional [m, H]; may be hidden itself, else it must overlap no input.
+        o_weight: optional [H, Q], the attention's o projection (no bias).
     All tensors on one device, of residual's dtype, contiguous.
     """
-    _check_float("residual", residual)
-    if residual.dtype not in _HALF_DTYPES:
-        raise TypeError(f"residual has dtype {_name(residual.dtype)}; fused_mlp supports float16, bfloat16")
-    if residual.dim() != 2 or not residual.is_contiguous():
-        raise ValueError(
-            f"residual must be a contiguous 2-D [m, H] tensor, got shape {tuple(residual.shape)}"
-        )
-    m, h = residual.shape
-    if not 1 <= m <= FUSED_MLP_MAX_ROWS:
-        raise ValueError(f"fused_mlp takes 1 to {FUSED_MLP_MAX_ROWS} rows, got {m}")
+    m, h = _check_half_rows("fused_mlp", "residual", residual)
     _check_weight("norm_weight", norm_weight, residual, "residual")
-    for name, w in (("gate_up_weight", gate_up_weight), ("down_weight", down_weight)):
-        _check_like(name, w, residual, "residual", same_shape=False)
-        if w.dim() != 2 or not w.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous 2-D tensor, got shape {tuple(w.shape)}")
+    _check_matrix("gate_up_weight", gate_up_weight, residual, "residual")
+    _check_matrix("down_weight", down_weight, residual, "residual")
     inter = down_weight.shape[1]
     if down_weight.shape[0] != h or tuple(gate_up_weight.shape) != (2 * inter, h):
         raise ValueError(
@@ -344,49 +374,61 @@ def fused_mlp(
         )
     if h % 8 or inter % 8:
         raise ValueError(f"H = {h} and I = {inter} must be multiples of 8")
+    attn = 0
+    weights = [("norm_weight", norm_weight), ("gate_up_weight", gate_up_weight), ("down_weight", down_weight)]
+    if o_weight is not None:
+        _check_matrix("o_weight", o_weight, residual, "residual")
+        attn = o_weight.shape[1]
+        if o_weight.shape[0] != h or attn % 8:
+            raise ValueError(f"o_weight must be [{h}, Q] with Q a multiple of 8, got {tuple(o_weight.shape)}")
+        if hidden is None:
+            raise ValueError("o_weight needs hidden, the attention output [m, Q]")
+        weights.append(("o_weight", o_weight))
     if hidden is None:
         if out is not None:
             raise ValueError("without hidden the result is added into residual; out must be None")
         out = residual
     else:
-        _check_like("hidden", hidden, residual, "residual")
+        _check_like("hidden", hidden, residual, "residual", same_shape=False)
+        if tuple(hidden.shape) != (m, attn or h):
+            what = (
+                f"the attention output [{m}, {attn}] (o_weight is [{h}, {attn}])" if attn else f"[{m}, {h}]"
+            )
+            raise ValueError(f"hidden must be {what}, got {tuple(hidden.shape)}")
         if not hidden.is_contiguous() or overlaps(hidden, residual):
             raise ValueError("hidden must be contiguous and must not overlap residual")
         if out is None:
-            out = hidden
-        else:
+            out = residual if o_weight is not None else hidden
+        if out is not residual:
             _check_like("out", out, residual, "residual")
             if not out.is_contiguous():
                 raise ValueError("out must be contiguous")
-            if out.data_ptr() != hidden.data_ptr() and not (
-                not overlaps(out, hidden) and not overlaps(out, residual)
-            ):
+            if out.data_ptr() != hidden.data_ptr() and (overlaps(out, hidden) or overlaps(out, residual)):
                 raise ValueError("out must be hidden itself or overlap none of hidden and residual")
-    for name, w in (
-        ("norm_weight", norm_weight),
-        ("gate_up_weight", gate_up_weight),
-        ("down_weight", down_weight),
-    ):
-        if overlaps(w, out):
-            raise ValueError(f"{name} must not overlap the output")
+    for name, w in weights:
+        if overlaps(w, out) or (out is not residual and overlaps(w, residual)):
+            raise ValueError(f"{name} must not overlap the outputs")
     if residual.is_cuda:
         check_tensor("workspace", workspace)
-        need = fused_mlp_workspace_bytes(m, inter, residual.dtype)
+        need = fused_mlp_workspace_bytes(m, h, inter, residual.dtype)
         if workspace.dtype != torch.uint8 or workspace.dim() != 1 or workspace.device != residual.device:
             raise ValueError(
                 f"workspace must be a 1-D uint8 tensor on {residual.device} (fused_mlp_workspace)"
             )
         if workspace.numel() < need:
             raise ValueError(
-                f"workspace holds {workspace.numel()} bytes; {m} rows of I = {inter} need {need}"
+                f"workspace holds {workspace.numel()} bytes; {m} rows of H = {h}, I = {inter} need {need}"
             )
-        if not fused_mlp_supported(m, h, inter, residual.dtype, residual.device):
+        if not fused_mlp_supported(m, h, inter, residual.dtype, residual.device, attn):
             raise ValueError(
-                f"fused_mlp: {m} rows of H = {h}, I = {inter} do not fit the CUDA kernel's shared memory "
-                "on this device (or the extension was built without CUDA)"
+                f"fused_mlp: {m} rows of H = {h}, I = {inter}"
+                + (f", Q = {attn}" if attn else "")
+                + " do not fit the CUDA kernel's shared memory on this device"
+                " (or the extension was built without CUDA)"
             )
     _C.fused_mlp(
         None if hidden is None else view(hidden),
+        None if o_weight is None else view(o_weight),
         view(residual),
         view(norm_weight),
         view(gate_up_weight),
@@ -397,3 +439,73 @@ def fused_mlp(
         stream_of(residual),
     )
     return out
+
+
+def fused_norm_linear_supported(rows: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `fused_norm_linear` takes `rows` rows of K = k in this dtype on this device."""
+    if dtype not in _HALF_DTYPES or k % 8:
+        return False
+    index = _device_index(device)
+    return index is not None and bool(_C.fused_norm_linear_fits(rows, k, index))
+
+
+def fused_norm_linear(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The start of a pre-norm block at decode sizes, as one kernel on CUDA (the weight streamed on
+    CUDA cores at one or two rows):
+
+        r = x + residual (rounded), or x without residual
+        returns (RMSNorm(r) . weight^T (+ bias), r)
+
+    r is a new tensor with residual (neither input is written), else x itself. Rounded where
+    fused_add_rms_norm and the product store, so the result matches them up to the product's
+    summation order.
+
+    Args:
+        x: [m, K], 1 <= m <= FUSED_MLP_MAX_ROWS, float16 or bfloat16, contiguous.
+        norm_weight: [K], the RMSNorm's weight; eps its epsilon.
+        weight: [N, K]; bias: optional [N].
+        residual: optional [m, K], the residual stream.
+    """
+    m, k = _check_half_rows("fused_norm_linear", "x", x)
+    _check_weight("norm_weight", norm_weight, x, "x")
+    _check_matrix("weight", weight, x, "x")
+    if weight.shape[1] != k:
+        raise ValueError(f"weight must be [N, {k}] for x [m, {k}], got {tuple(weight.shape)}")
+    if k % 8:
+        raise ValueError(f"K = {k} must be a multiple of 8")
+    n = weight.shape[0]
+    if bias is not None:
+        _check_like("bias", bias, x, "x", same_shape=False)
+        if tuple(bias.shape) != (n,) or not bias.is_contiguous():
+            raise ValueError(f"bias must be a contiguous [{n}] tensor, got shape {tuple(bias.shape)}")
+    r_out = x
+    if residual is not None:
+        _check_like("residual", residual, x, "x")
+        if not residual.is_contiguous():
+            raise ValueError("residual must be contiguous")
+        r_out = torch.empty_like(x)
+    if x.is_cuda and not fused_norm_linear_supported(m, k, x.dtype, x.device):
+        raise ValueError(
+            f"fused_norm_linear: {m} rows of K = {k} do not fit the CUDA kernel's shared memory on this "
+            "device (or the extension was built without CUDA)"
+        )
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _C.fused_norm_linear(
+        view(x),
+        None if residual is None else view(residual),
+        None if residual is None else view(r_out),
+        view(norm_weight),
+        view(weight),
+        None if bias is None else view(bias),
+        view(out),
+        float(eps),
+        stream_of(x),
+    )
+    return out, r_out

@@ -15,17 +15,21 @@ carrying its norms, SiLU and residual adds (LlamaDecoderLayer.forward_fused) ins
 products between small kernels. Which is faster depends on the card and the shapes, so before the
 capture both forms of each small batch size are captured once and timed, and the fused form is kept
 where it is clearly faster (TINYSERVE_FUSED_LAYERS=0 never fuses, =1 always fuses where supported).
-Likewise the post-attention norm and the MLP can run as one kernel (LlamaMLP.fused, ops.fused_mlp)
-at one or two tokens, in either form; TINYSERVE_FUSED_MLP=0/1/auto decides it the same way, and the
-fastest of the measured combinations is kept.
+Likewise two ops that stream the weights on CUDA cores at one or two tokens can replace parts of
+either form: o_proj, the post-attention norm and the MLP as one kernel (LlamaMLP.fused,
+ops.fused_mlp; TINYSERVE_FUSED_MLP), and the input norm with the qkv product (LlamaAttention.fused_qkv,
+ops.fused_norm_linear; TINYSERVE_FUSED_QKV). Each variable is 0, 1 or auto as above; every open
+combination is measured and the fastest kept.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -41,15 +45,32 @@ logger = logging.getLogger(__name__)
 FUSED_MARGIN = 0.03  # a fused form must be this much faster than the plain layers to be kept
 
 
-LayerForm = tuple[bool, bool]  # (fused decoder layers, fused MLP)
-PLAIN: LayerForm = (False, False)
+class LayerForm(NamedTuple):
+    """How a batch size's decoder layers run (module docstring)."""
+
+    fused: bool = False  # the skinny fused decoder layers (LlamaDecoderLayer.forward_fused)
+    fused_mlp: bool = False  # o_proj, the post-attention norm and the MLP as one op
+    fused_qkv: bool = False  # the input norm and the qkv product as one op
+
+    @property
+    def name(self) -> str:
+        parts = ["fused" if self.fused else "unfused"]
+        parts += ["fused MLP"] if self.fused_mlp else []
+        parts += ["fused qkv"] if self.fused_qkv else []
+        return " + ".join(parts)
+
+
+PLAIN = LayerForm()
+
+# The environment variable of each LayerForm field, in field order.
+FORM_VARIABLES = ("TINYSERVE_FUSED_LAYERS", "TINYSERVE_FUSED_MLP", "TINYSERVE_FUSED_QKV")
 
 
 @dataclass(frozen=True)
 class FusedChoice:
-    """One measured batch size: seconds per decode-graph replay of each layer form measured, keyed by
-    (fused decoder layers, fused MLP). The fastest form is kept where it beats the plain layers by
-    FUSED_MARGIN (or, when the plain layers were not measured, outright)."""
+    """One measured batch size: seconds per decode-graph replay of each layer form measured. The
+    fastest form is kept where it beats the plain layers by FUSED_MARGIN (or, when the plain layers
+    were not measured, outright)."""
 
     batch_size: int
     times: dict[LayerForm, float]
@@ -64,11 +85,15 @@ class FusedChoice:
 
     @property
     def fused(self) -> bool:
-        return self.form[0]
+        return self.form.fused
 
     @property
     def fused_mlp(self) -> bool:
-        return self.form[1]
+        return self.form.fused_mlp
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.form.fused_qkv
 
     @property
     def unfused_s(self) -> float | None:
@@ -76,7 +101,7 @@ class FusedChoice:
 
     @property
     def fused_s(self) -> float | None:
-        return self.times.get((True, False))
+        return self.times.get(LayerForm(fused=True))
 
 
 MIN_LEN_BOUND = 1024  # contexts up to this share the smallest graphs
@@ -185,56 +210,54 @@ class DecodeGraphs:
         torch.cuda.synchronize(inputs.device)
 
     def _choose_layer_forms(self) -> None:
-        """Which batch sizes' graphs run the fused decoder layers and which the fused MLP (see the
-        module docstring); sets the model's fused_rows and mlp_rows."""
-        modes = {}
-        for var in ("TINYSERVE_FUSED_LAYERS", "TINYSERVE_FUSED_MLP"):
-            modes[var] = os.environ.get(var, "auto").strip().lower()
-            if modes[var] not in ("auto", "0", "1"):
-                raise ValueError(f"{var} must be auto, 0 or 1, got {modes[var]!r}")
-        layers_mode, mlp_mode = modes["TINYSERVE_FUSED_LAYERS"], modes["TINYSERVE_FUSED_MLP"]
+        """Which layer form each batch size's graphs run (see the module docstring); sets the model's
+        fused_rows, mlp_rows and qkv_rows."""
+        modes = []
+        for var in FORM_VARIABLES:
+            mode = os.environ.get(var, "auto").strip().lower()
+            if mode not in ("auto", "0", "1"):
+                raise ValueError(f"{var} must be auto, 0 or 1, got {mode!r}")
+            modes.append(mode)
         model = self.model.model
-        layer_ok = {bs for bs in self.sizes if bs <= ops.SKINNY_MAX_ROWS and model.fused_supported(bs)}
-        mlp_ok = set()
-        if mlp_mode != "0":
-            mlp_ok = {
-                bs for bs in self.sizes if bs <= ops.FUSED_MLP_MAX_ROWS and model.fused_mlp_supported(bs)
-            }
-        model.use_fused_mlp(frozenset(mlp_ok))  # its workspace, before any capture
-        fused_rows, mlp_rows = set(), set()
-        for bs in sorted(layer_ok | mlp_ok):
+        small = [bs for bs in self.sizes if bs <= ops.FUSED_MLP_MAX_ROWS]
+        supported = (  # batch sizes each field of LayerForm may be set at
+            {bs for bs in self.sizes if bs <= ops.SKINNY_MAX_ROWS and model.fused_supported(bs)},
+            {bs for bs in small if modes[1] != "0" and model.fused_mlp_supported(bs)},
+            {bs for bs in small if modes[2] != "0" and model.fused_qkv_supported(bs)},
+        )
+        model.use_fused_mlp(frozenset(supported[1]))  # its workspace, before any capture
+        chosen: dict[int, LayerForm] = {}
+        for bs in sorted(set().union(*supported)):
             # Each choice open at this size (a forced one only where supported), in all combinations.
-            fuse_layers, fuse_mlp = bs in layer_ok, bs in mlp_ok
-            layer_opts = (
-                [False, True]
-                if layers_mode == "auto" and fuse_layers
-                else [layers_mode == "1" and fuse_layers]
-            )
-            mlp_opts = [False, True] if mlp_mode == "auto" and fuse_mlp else [mlp_mode == "1" and fuse_mlp]
-            forms = [(f, m) for f in layer_opts for m in mlp_opts]
+            options = [
+                [False, True] if mode == "auto" and bs in ok else [mode == "1" and bs in ok]
+                for mode, ok in zip(modes, supported, strict=True)
+            ]
+            forms = [LayerForm(*c) for c in itertools.product(*options)]
             if len(forms) == 1:
-                form = forms[0]
-            else:
-                times = {}
-                for f, m in forms:
-                    model.fused_rows = frozenset([bs] if f else [])
-                    model.mlp_rows = frozenset([bs] if m else [])
-                    times[f, m] = time_graph(lambda bs=bs: self._forward(bs, self.len_bounds[0]), repeats=9)
-                choice = FusedChoice(bs, times)
-                self.fused_choices.append(choice)
-                form = choice.form
-            if form[0]:
-                fused_rows.add(bs)
-            if form[1]:
-                mlp_rows.add(bs)
-        model.fused_rows = frozenset(fused_rows)
-        model.use_fused_mlp(frozenset(mlp_rows))
-        if fused_rows or mlp_rows:
+                chosen[bs] = forms[0]
+                continue
+            times = {}
+            for form in forms:
+                self._set_forms({bs: form})
+                times[form] = time_graph(lambda bs=bs: self._forward(bs, self.len_bounds[0]), repeats=9)
+            choice = FusedChoice(bs, times)
+            self.fused_choices.append(choice)
+            chosen[bs] = choice.form
+        self._set_forms(chosen)
+        model.use_fused_mlp(model.mlp_rows)
+        if any(chosen.values()):
             logger.info(
-                "fused decoder layers at batch sizes %s, fused MLP at %s",
-                sorted(fused_rows),
-                sorted(mlp_rows),
+                "decoder layer forms: %s",
+                ", ".join(f"{bs} seqs: {form.name}" for bs, form in chosen.items() if form != PLAIN),
             )
+
+    def _set_forms(self, forms: dict[int, LayerForm]) -> None:
+        """Point the model's row sets at these forms (batch sizes not given run the plain layers)."""
+        model = self.model.model
+        model.fused_rows = frozenset(bs for bs, f in forms.items() if f.fused)
+        model.mlp_rows = frozenset(bs for bs, f in forms.items() if f.fused_mlp)
+        model.qkv_rows = frozenset(bs for bs, f in forms.items() if f.fused_qkv)
 
     def replay(self, key: tuple[int, int]) -> torch.Tensor:
         """Run the graph of `key` (from key_for); returns the shared logits [batch size, vocab]."""

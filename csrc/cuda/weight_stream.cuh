@@ -1,0 +1,279 @@
+// Weight streaming on CUDA cores for one or two token rows: the parts the fused decode kernels
+// (fused_mlp.cu, fused_norm_linear.cu) share.
+//
+// At one or two tokens a step, a product reads every weight element once and does one or two
+// multiply-adds with it, so it is a stream of the weight at the card's bandwidth, plus fixed costs
+// (launch, the first loads' latency, the tail) that a short kernel pays each time. These kernels
+// keep the whole card streaming: two blocks of 8 warps per SM, all resident at once, each warp
+// taking weight rows in turn with several 16-byte loads per lane in flight, and the first loads
+// issued before waiting on the previous kernel (programmatic dependent launch; weights are no
+// kernel's output). Phases that need all of an earlier phase's outputs meet at a grid-wide barrier
+// (every block is resident, so it cannot deadlock); each warp issues the loads of its next phase
+// before arriving, so the stream does not stop there.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "../op_checks.h"
+#include "cuda_utils.cuh"
+
+namespace tinyserve::cuda::stream {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kBlocksPerSm = 2;  // every kernel built on this is __launch_bounds__(kThreads, kBlocksPerSm)
+constexpr int kChunk = 256;      // k elements a warp's 16-byte loads cover (32 lanes x 8)
+constexpr int kBatch = 4;        // chunks per row per batch: a batch is 1024 k of each row
+
+// Data an earlier kernel (or another block of this one, after a barrier) wrote: through L2, not the
+// read-only path.
+__device__ __forceinline__ uint4 load_coherent(const void* ptr) { return __ldcg(static_cast<const uint4*>(ptr)); }
+
+// 8 floats of shared memory (32-byte aligned) as two 16-byte accesses.
+__device__ __forceinline__ void load8(const float* p, float (&f)[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+
+__device__ __forceinline__ void store8(float* p, const float (&f)[8]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+}
+
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Every block of the grid waits here until all have arrived; the global writes each thread made
+// before it are visible to every block after it. counters[0..1] (arrivals, departures) are zero
+// before and left zero after: the last block out resets them. One pair per barrier of a launch.
+__device__ __forceinline__ void grid_barrier(unsigned* counters) {
+  __threadfence();  // this thread's writes, before the block's arrival
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicAdd(&counters[0], 1u);
+    while (load_acquire(&counters[0]) < gridDim.x) {
+    }
+    if (atomicAdd(&counters[1], 1u) == gridDim.x - 1) {
+      atomicExch(&counters[0], 0u);
+      atomicExch(&counters[1], 0u);
+    }
+  }
+  __syncthreads();
+}
+
+// A stream of weight rows for one warp: items it = first, first + stride, ... < count; item it is
+// rows it + r * row_gap (r < kRows) of W [*, len]. A batch is kBatch chunks of 256 k of each row.
+template <typename T, int kRows>
+struct RowStream {
+  const T* w;
+  int64_t len, row_gap;
+  int64_t first, stride;
+  int batches_per_item, num_batches;
+
+  __device__ RowStream(const void* weight, int64_t len_, int64_t row_gap_, int64_t first_, int64_t stride_,
+                       int64_t count)
+      : w(static_cast<const T*>(weight)), len(len_), row_gap(row_gap_), first(first_), stride(stride_) {
+    batches_per_item = static_cast<int>((len + kChunk * kBatch - 1) / (kChunk * kBatch));
+    const int64_t items = first < count ? (count - first + stride - 1) / stride : 0;
+    num_batches = static_cast<int>(items) * batches_per_item;
+  }
+
+  __device__ int64_t item(int b) const { return first + static_cast<int64_t>(b / batches_per_item) * stride; }
+  __device__ int64_t k0(int b) const { return static_cast<int64_t>(b % batches_per_item) * kChunk * kBatch; }
+
+  // Loads of batch b (nothing for b >= num_batches) into v.
+  __device__ void load(int b, int lane, uint4 (&v)[kRows][kBatch]) const {
+    const bool ok = b < num_batches;
+    const int64_t it = ok ? item(b) : 0, base = ok ? k0(b) : 0;
+#pragma unroll
+    for (int c = 0; c < kBatch; ++c) {
+      const int64_t k = base + c * kChunk + 8 * lane;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) v[r][c] = load16<true>(w + (it + r * row_gap) * len + k, ok && k < len);
+    }
+  }
+
+  // acc[r][t] += row r of batch b . x[t] (x: [m][len] floats in shared memory).
+  template <int kM>
+  __device__ void multiply(int b, int lane, const uint4 (&v)[kRows][kBatch], const float* x, int m,
+                           float (&acc)[kRows][kM]) const {
+    const int64_t base = k0(b);
+#pragma unroll
+    for (int c = 0; c < kBatch; ++c) {
+      const int64_t k = base + c * kChunk + 8 * lane;
+      if (k >= len) break;
+      float wf[kRows][8];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) unpack8<T>(v[r][c], wf[r]);
+#pragma unroll
+      for (int t = 0; t < kM; ++t) {
+        if (t >= m) break;
+        float xf[8];
+        load8(x + t * len + k, xf);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[r][t] = fmaf(wf[r][j], xf[j], acc[r][t]);
+        }
+      }
+    }
+  }
+};
+
+template <int kRows, int kM>
+__device__ __forceinline__ void warp_sum(float (&acc)[kRows][kM]) {
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+    for (int t = 0; t < kM; ++t) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], o);
+    }
+  }
+}
+
+// Streams all batches of S through a ring of kDepth batches in registers, whose first kDepth the
+// caller has loaded (early, so they are in flight meanwhile): each batch is multiplied, its
+// registers refilled with the batch kDepth later, and each finished item's sums are reduced across
+// the warp and handed to finish(item, acc) (acc is then zeroed).
+template <int kDepth, int kM, typename Stream, int kRows, typename Finish>
+__device__ __forceinline__ void run_stream(const Stream& S, uint4 (&buf)[kDepth][kRows][kBatch], int lane,
+                                           const float* x, int m, Finish finish) {
+  float acc[kRows][kM] = {};
+  for (int b0 = 0; b0 < S.num_batches; b0 += kDepth) {
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d) {
+      const int b = b0 + d;
+      if (b >= S.num_batches) break;  // the same for the whole warp
+      S.template multiply<kM>(b, lane, buf[d], x, m, acc);
+      S.load(b + kDepth, lane, buf[d]);
+      if ((b + 1) % S.batches_per_item == 0) {
+        warp_sum<kRows, kM>(acc);
+        finish(S.item(b), acc);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+          for (int t = 0; t < kM; ++t) acc[r][t] = 0.f;
+        }
+      }
+    }
+  }
+}
+
+// Rows [m][len] of T an earlier kernel wrote, into shared memory as floats.
+template <typename T>
+__device__ __forceinline__ void stage_rows(float* s, const T* src, int m, int64_t len) {
+  const int vecs = static_cast<int>(len / 8);
+  for (int idx = threadIdx.x; idx < m * vecs; idx += kThreads) {
+    const int64_t at = 8 * static_cast<int64_t>(idx);
+    float v[8];
+    unpack8<T>(load_coherent(src + at), v);
+    store8(s + at, v);
+  }
+}
+
+// The normalised input of a pre-norm block, formed by every block itself (a few KB from L2) into
+// shared memory s_x [m][h] as floats: r = base (+ add), rounded; x = RMSNorm(r) with gamma and
+// eps, in RMSNorm's order (normalise in float32, round, scale by the weight, round). With r_out,
+// block 0 also stores r there. Ends with __syncthreads.
+template <typename T, int kM>
+__device__ __forceinline__ void stage_normalised(float* s_x, const T* base, const T* add, const T* gamma, int64_t h,
+                                                 float eps, int m, T* r_out, float (&s_red)[kWarps][kM],
+                                                 float (&s_inv)[kM]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int vecs = static_cast<int>(h / 8);  // per row
+  const bool store_r = r_out != nullptr && blockIdx.x == 0;
+  float ss[kM] = {};
+  for (int idx = threadIdx.x; idx < m * vecs; idx += kThreads) {
+    const int t = idx / vecs;
+    const int64_t at = static_cast<int64_t>(t) * h + 8 * (idx - t * vecs);
+    float r[8];
+    unpack8<T>(load_coherent(base + at), r);
+    if (add != nullptr) {
+      float a[8];
+      unpack8<T>(load_coherent(add + at), a);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) r[j] = round_to<T>(r[j] + a[j]);
+      if (store_r) *reinterpret_cast<uint4*>(r_out + at) = pack8<T>(r);
+    }
+    float sq = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) sq += r[j] * r[j];
+#pragma unroll
+    for (int tt = 0; tt < kM; ++tt) {
+      if (tt == t) ss[tt] += sq;
+    }
+    store8(s_x + at, r);
+  }
+#pragma unroll
+  for (int t = 0; t < kM; ++t) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss[t] += __shfl_xor_sync(0xffffffffu, ss[t], o);
+    if (lane == 0) s_red[warp][t] = ss[t];
+  }
+  __syncthreads();
+  if (threadIdx.x < m) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += s_red[w][threadIdx.x];
+    s_inv[threadIdx.x] = rsqrtf(total / static_cast<float>(h) + eps);
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < m * vecs; idx += kThreads) {
+    const int t = idx / vecs;
+    const int64_t k = 8 * static_cast<int64_t>(idx - t * vecs);
+    float* at = s_x + static_cast<int64_t>(t) * h + k;
+    float r[8], g[8];
+    load8(at, r);
+    unpack8<T>(load16<false>(gamma + k, true), g);
+    const float inv = s_inv[t];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) r[j] = round_to<T>(__fmul_rn(g[j], round_to<T>(r[j] * inv)));
+    store8(at, r);
+  }
+  __syncthreads();
+}
+
+// ---- host side ----------------------------------------------------------------------------------
+
+// Opt-in shared memory per block on `device` (cached).
+inline int64_t max_smem(int device) {
+  static std::mutex mutex;
+  static std::map<int, int64_t> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int smem = 0;
+  check_cuda(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "weight stream: shared memory per block");
+  cache.emplace(device, static_cast<int64_t>(smem));
+  return smem;
+}
+
+// Launches a kernel built on this header: kBlocksPerSm blocks of kThreads per SM (fewer where the
+// shared memory allows fewer), all resident at once as the grid barrier needs.
+inline void launch(const void* kernel, int64_t smem, int64_t static_smem, void** args, int device,
+                   cudaStream_t stream, const char* what) {
+  if (smem + static_smem > 48 * 1024) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+               what);
+  }
+  int per_sm = 0, sms = 0;
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(smem)),
+             what);
+  check(per_sm >= 1, std::string(what) + ": the kernel does not fit on an SM with " + std::to_string(smem) +
+                         " bytes of shared memory");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), what);
+  const int blocks = sms * std::min(per_sm, kBlocksPerSm);
+  launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), static_cast<size_t>(smem), stream, args,
+                device, what);
+}
+
+}  // namespace tinyserve::cuda::stream
