@@ -331,7 +331,8 @@ def test_fused_layers_match_unfused(tmp_path, monkeypatch):
 
     save_tiny_checkpoint("qwen3", tmp_path, seed=3)
     batches = [[7], [40, 100, 3, 65, 17]]
-    monkeypatch.setenv("TINYSERVE_FUSED_MLP", "0")  # the layer forms only (the fused MLP: below)
+    monkeypatch.setenv("TINYSERVE_FUSED_MLP", "0")  # the layer forms only (the fused MLP, qkv: below)
+    monkeypatch.setenv("TINYSERVE_FUSED_QKV", "0")
 
     def check(mode, llm) -> None:
         graphs = llm.engine.runner.graphs

@@ -276,3 +276,78 @@ def test_cuda_with_o_repeated_calls_and_graph_replay() -> None:
         assert torch.equal(result, eager)
     torch.cuda.synchronize()
     assert int(workspace[:16].count_nonzero()) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_with_next_block(device, m, bias) -> None:
+    """With next_weight the kernel also starts the next block: the residual stream comes out as
+    without it, and the returned product equals fused_norm_linear on that stream (same device, so
+    the same summation order), both close to the unfused ops."""
+    dtype, h, q, inter, n = torch.bfloat16, 256, 384, 512, 200
+    norm, gate_up, down = _weights(h, inter, dtype, device, seed=m)
+    o = _o_weight(h, q, dtype, device, seed=2)
+    next_norm, next_w = _weights(h, 8, dtype, device, seed=3)[0], _o_weight(n, h, dtype, device, seed=4)
+    next_b = torch.randn(n).to(dtype).to(device) if bias else None
+    residual, _ = _stream(m, h, dtype, device, seed=5)
+    attn = torch.randn(m, q, generator=torch.Generator().manual_seed(6)).to(dtype).to(device)
+    workspace = ops.fused_mlp_workspace(m, h, inter, dtype, device)
+    plain = residual.clone()
+    ops.fused_mlp(plain, norm, EPS, gate_up, down, workspace, attn, o_weight=o)
+    chained = residual.clone()
+    got = ops.fused_mlp(
+        chained,
+        norm,
+        EPS,
+        gate_up,
+        down,
+        workspace,
+        attn,
+        o_weight=o,
+        next_norm=next_norm,
+        next_eps=EPS,
+        next_weight=next_w,
+        next_bias=next_b,
+    )
+    assert got.shape == (m, n)
+    assert torch.equal(chained, plain)
+    want, _ = ops.fused_norm_linear(plain, next_norm, EPS, next_w, bias=next_b)
+    assert torch.equal(got, want)
+    unfused = F.linear(ops.rms_norm(plain, next_norm, EPS), next_w, next_b)
+    _close(got, unfused, f"{device} m={m} next block vs unfused", 2e-2)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        assert int(workspace[:24].count_nonzero()) == 0  # all three barriers' counters
+
+
+def test_next_block_bad_input() -> None:
+    dtype = torch.bfloat16
+    norm, gate_up, down = _weights(64, 96, dtype, "cpu", seed=0)
+    residual, hidden = _stream(2, 64, dtype, "cpu", seed=0)
+    ws = ops.fused_mlp_workspace(2, 64, 96, dtype, "cpu")
+    nw = torch.zeros(40, 64, dtype=dtype)
+    with pytest.raises(ValueError, match="into residual"):
+        ops.fused_mlp(residual, norm, EPS, gate_up, down, ws, hidden, next_norm=norm, next_weight=nw)
+    with pytest.raises(ValueError, match="needs next_norm"):
+        ops.fused_mlp(residual, norm, EPS, gate_up, down, ws, hidden, residual, next_weight=nw)
+    with pytest.raises(ValueError, match="next_weight must be"):
+        ops.fused_mlp(
+            residual, norm, EPS, gate_up, down, ws, hidden, residual, next_norm=norm, next_weight=nw[:, :8]
+        )
+    with pytest.raises(ValueError, match="next_bias must be"):
+        ops.fused_mlp(
+            residual,
+            norm,
+            EPS,
+            gate_up,
+            down,
+            ws,
+            hidden,
+            residual,
+            next_norm=norm,
+            next_weight=nw,
+            next_bias=nw[0],
+        )
+    with pytest.raises(ValueError, match="go with next_weight"):
+        ops.fused_mlp(residual, norm, EPS, gate_up, down, ws, hidden, residual, next_norm=norm)
