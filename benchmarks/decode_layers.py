@@ -13,9 +13,8 @@ Per model, row count and launch mode (programmatic dependent launch off and on):
   kernels between the products), unfused with the skinny kernel, and fused;
 - at up to ops.FUSED_MLP_MAX_ROWS rows, the layer's second half (o product, residual add, RMSNorm,
   gate/up, SiLU-and-mul, down, residual add): the unfused chain with cuBLAS, the skinny kernel with
-  its prologues and epilogues, ops.fused_mlp after a cuBLAS or skinny o product, ops.fused_mlp
-  with the o product inside, and that followed by the next layer's norm and qkv product, as
-  ops.fused_norm_linear or inside ops.fused_mlp (the chained layers);
+  its prologues and epilogues, ops.fused_mlp after a cuBLAS or skinny o product, and ops.fused_mlp
+  with the o product inside;
 - at up to ops.FUSED_MLP_MAX_ROWS rows, the layer's start (residual add, RMSNorm, qkv product):
   fused_add_rms_norm and cuBLAS, the skinny kernel with its norm prologue, and
   ops.fused_norm_linear.
@@ -127,34 +126,10 @@ def mlp_chains(layers: list[Layer], m: int) -> dict[str, Callable[[], None]]:
             for w in layers:
                 mlp(w, attn, w["o"])
 
-        def with_o_then_qkv(chained: bool) -> None:
-            for i, w in enumerate(layers):
-                nxt = layers[(i + 1) % len(layers)]
-                if chained:
-                    ops.fused_mlp(
-                        residual,
-                        w["norm2"],
-                        EPS,
-                        w["gate_up"],
-                        w["down"],
-                        workspace,
-                        attn,
-                        o_weight=w["o"],
-                        next_norm=nxt["norm1"],
-                        next_eps=EPS,
-                        next_weight=nxt["qkv"],
-                    )
-                else:
-                    mlp(w, attn, w["o"])
-                    ops.fused_norm_linear(residual, nxt["norm1"], EPS, nxt["qkv"])
-
         chains["cuBLAS o, fused_mlp"] = lambda: after_o(F.linear)
         chains["skinny o, fused_mlp"] = lambda: after_o(ops.skinny_linear)
         chains["skinny o + residual, fused_mlp"] = skinny_o_residual
         chains["fused_mlp with o"] = with_o
-        if ops.fused_norm_linear_supported(m, h, DTYPE, "cuda"):
-            chains["fused_mlp with o, fused_norm_linear of the next qkv"] = lambda: with_o_then_qkv(False)
-            chains["the same chained in fused_mlp"] = lambda: with_o_then_qkv(True)
     return chains
 
 

@@ -97,17 +97,8 @@ void skinny_gemm(const TensorView& x, const TensorView& weight, std::optional<Te
 // hidden, o_weight: None where absent (see ops.h).
 void fused_mlp(std::optional<TensorView> hidden, std::optional<TensorView> o_weight, const TensorView& residual,
                const TensorView& norm_weight, const TensorView& gate_up, const TensorView& down, const TensorView& out,
-               const TensorView& workspace, float eps, std::optional<TensorView> next_norm,
-               std::optional<TensorView> next_weight, std::optional<TensorView> next_bias,
-               std::optional<TensorView> next_out, float next_eps, uintptr_t stream) {
+               const TensorView& workspace, float eps, uintptr_t stream) {
   tinyserve::FusedMlpArgs args;
-  if (next_weight) {
-    args.next_weight = *next_weight;
-    if (next_norm) args.next_norm = *next_norm;
-    if (next_bias) args.next_bias = *next_bias;
-    if (next_out) args.next_out = *next_out;
-    args.next_eps = next_eps;
-  }
   if (hidden) args.hidden = *hidden;
   if (o_weight) args.o_weight = *o_weight;
   args.residual = residual;
@@ -401,8 +392,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("device"), "Whether TinyServe's kernels launch with PDL on this CUDA device now.");
   m.attr("skinny_max_rows") = tinyserve::kSkinnyMaxRows;
   m.def("fused_mlp", &fused_mlp, py::arg("hidden"), py::arg("o_weight"), py::arg("residual"), py::arg("norm_weight"),
-        py::arg("gate_up"), py::arg("down"), py::arg("out"), py::arg("workspace"), py::arg("eps"), py::arg("next_norm"),
-        py::arg("next_weight"), py::arg("next_bias"), py::arg("next_out"), py::arg("next_eps"), py::arg("stream"),
+        py::arg("gate_up"), py::arg("down"), py::arg("out"), py::arg("workspace"), py::arg("eps"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
   m.def("fused_mlp_fits", &fused_mlp_fits, py::arg("rows"), py::arg("hidden"), py::arg("intermediate"),
         py::arg("attn"), py::arg("device"));

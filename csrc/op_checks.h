@@ -174,19 +174,6 @@ inline void check_fused_mlp_args(const FusedMlpArgs& a) {
   } else if (has_hidden) {
     check(a.hidden.ndim == 2 && a.hidden.size(0) == m && a.hidden.size(1) == h, "fused_mlp: hidden must be [m, H]");
   }
-  if (a.next_weight.data != nullptr) {
-    const TensorView &nw = a.next_weight, &nn = a.next_norm, &no = a.next_out, &nb = a.next_bias;
-    const bool has_bias = nb.data != nullptr;
-    check(out.data == r.data, "fused_mlp: with next_weight, out must be residual (the stream the next norm reads)");
-    check(nw.ndim == 2 && nw.size(1) == h && nn.ndim == 1 && nn.size(0) == h && no.ndim == 2 && no.size(0) == m &&
-              no.size(1) == nw.size(0) && (!has_bias || (nb.ndim == 1 && nb.size(0) == nw.size(0))),
-          "fused_mlp: next_weight must be [N, H], next_norm [H], next_out [m, N] and next_bias [N]");
-    const TensorView* next[] = {&nw, &nn, &no, has_bias ? &nb : &nw};
-    for (const TensorView* t : next) {
-      check(t->dtype == r.dtype && t->device == r.device && t->is_contiguous(),
-            "fused_mlp: all tensors must be contiguous, of one dtype, on one device");
-    }
-  }
 }
 
 inline void check_fused_norm_linear_args(const FusedNormLinearArgs& a) {

@@ -76,8 +76,6 @@ bool programmatic_launch_enabled(int device);
 //   y = a . down^T, down [H, I]                        (rounded)
 //   out is residual: residual = r + y (rounded as the unfused add)
 //   out is another tensor: residual = r, out = y
-//   with next_weight [N, H] (out must be residual): next_out = RMSNorm(residual) . next_weight^T
-//   (+ next_bias), the norm with next_norm and next_eps: the next layer's start (fused_norm_linear)
 // m <= kFusedMlpMaxRows rows of H; all tensors contiguous. Without hidden, out must be residual.
 // out may be hidden itself; otherwise it overlaps no input.
 // CUDA: one kernel with a grid-wide barrier between the products (every block must be resident at
@@ -93,8 +91,6 @@ struct FusedMlpArgs {
   TensorView o_weight;  // data == nullptr: none (hidden is then [m, H])
   TensorView residual, norm_weight, gate_up, down, out, workspace;
   float eps = 0.f;
-  TensorView next_norm, next_weight, next_bias, next_out;  // next_weight.data == nullptr: none
-  float next_eps = 0.f;
 };
 
 inline int64_t fused_mlp_workspace_bytes(int64_t rows, int64_t hidden, int64_t intermediate, int64_t elem_bytes) {

@@ -55,16 +55,6 @@ std::vector<float> normalised(const std::vector<T>& r, int64_t m, int64_t k, con
   return x;
 }
 
-// out [m, n] = y (+ bias), rounded once.
-template <typename T>
-void store_product(const std::vector<float>& y, int64_t m, int64_t n, const T* bias, T* out) {
-  for (int64_t row = 0; row < m; ++row) {
-    for (int64_t j = 0; j < n; ++j) {
-      out[row * n + j] = from_float<T>(y[row * n + j] + (bias != nullptr ? to_float(bias[j]) : 0.f));
-    }
-  }
-}
-
 template <typename T>
 void fused_mlp_impl(const FusedMlpArgs& a) {
   const int64_t m = a.residual.size(0), h = a.residual.size(1), inter = a.down.size(1);
@@ -102,13 +92,6 @@ void fused_mlp_impl(const FusedMlpArgs& a) {
       out[i] = from_float<T>(round_to<T>(y[i]) + to_float(r[i]));
     }
   }
-  if (a.next_weight.data != nullptr) {  // the next block's start, on the updated residual stream
-    const std::vector<T> stream(residual, residual + m * h);
-    const int64_t n = a.next_weight.size(0);
-    const std::vector<float> x2 = normalised(stream, m, h, a.next_norm.ptr<const T>(), a.next_eps);
-    store_product(product(x2, m, a.next_weight.ptr<const T>(), n, h), m, n, a.next_bias.ptr<const T>(),
-                  a.next_out.ptr<T>());
-  }
 }
 
 template <typename T>
@@ -116,7 +99,14 @@ void fused_norm_linear_impl(const FusedNormLinearArgs& a) {
   const int64_t m = a.x.size(0), k = a.x.size(1), n = a.weight.size(0);
   const std::vector<T> r = add_rounded(a.x.ptr<const T>(), a.residual.ptr<const T>(), m * k);
   const std::vector<float> x = normalised(r, m, k, a.norm_weight.ptr<const T>(), a.eps);
-  store_product(product(x, m, a.weight.ptr<const T>(), n, k), m, n, a.bias.ptr<const T>(), a.out.ptr<T>());
+  const std::vector<float> y = product(x, m, a.weight.ptr<const T>(), n, k);
+  const T* bias = a.bias.ptr<const T>();
+  T* out = a.out.ptr<T>();
+  for (int64_t row = 0; row < m; ++row) {
+    for (int64_t j = 0; j < n; ++j) {
+      out[row * n + j] = from_float<T>(y[row * n + j] + (bias != nullptr ? to_float(bias[j]) : 0.f));
+    }
+  }
   if (a.residual.data != nullptr) std::copy(r.begin(), r.end(), a.residual_out.ptr<T>());
 }
 

@@ -20,10 +20,6 @@
 //  4. Down: every block copies a into shared memory (as floats); the warps take output rows j in
 //     turn, stream row j of down, reduce, and store out[:, j] (adding the residual stream, or
 //     writing it).
-//  5. With next_weight (the next decoder layer's qkv): a grid barrier (the warps' first loads of
-//     next_weight issued before it), then as in fused_norm_linear below: every block normalises
-//     the residual stream and the warps stream the next product. A decode step's layers then chain
-//     through one kernel each besides RoPE and the attention.
 // CUDA-core FMAs, which suit one or two rows: every weight element is used once per row, so beyond
 // that the multiplies and shared-memory reads of x outgrow the weight stream (the skinny GEMM's
 // tensor cores take those sizes).
@@ -62,19 +58,11 @@ struct MlpParams {
   void* out;
   void* act;          // [m, I] workspace buffer
   void* o_out;        // [m, H] workspace buffer (with o_weight)
-  unsigned* barrier;  // [6]: arrivals and departures of the o, the down and the next barrier
+  unsigned* barrier;  // [4]: arrivals and departures of the o barrier and of the down barrier
   int64_t h, inter, q;
   float eps;
   int m;
   bool separate;  // out != residual: residual = r and out = y; else residual = r + y
-  // The next block's input norm and product (with next_weight; residual is then updated in place):
-  // next_out = RMSNorm(residual) . next_weight^T (+ next_bias).
-  const void* next_norm;
-  const void* next_weight;  // [N, H] or nullptr
-  const void* next_bias;    // [N] or nullptr
-  void* next_out;           // [m, N]
-  int64_t next_n;
-  float next_eps;
 };
 
 template <typename T, int kM>
@@ -161,27 +149,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) fused_mlp_kernel(const
         } else {
           out[at] = from_float<T>(round_to<T>(acc[0][t]) + r);
         }
-      }
-    }
-  });
-  if (p.next_weight == nullptr) return;
-
-  // 5. The next block's start: its weight's first loads go out before the barrier, after which the
-  // residual stream is whole; every block normalises it and the warps stream the next product.
-  const RowStream<T, 1> nx(p.next_weight, p.h, 0, gw, total_warps, p.next_n);
-  uint4 nbuf[kDownDepth][1][kBatch];
-#pragma unroll
-  for (int d = 0; d < kDownDepth; ++d) nx.load(d, lane, nbuf[d]);
-  grid_barrier(p.barrier + 4);
-  stage_normalised<T, kM>(s_x, residual, nullptr, static_cast<const T*>(p.next_norm), p.h, p.next_eps, p.m, nullptr,
-                          s_red, s_inv);
-  const T* bias = static_cast<const T*>(p.next_bias);
-  T* next_out = static_cast<T*>(p.next_out);
-  run_stream<kDownDepth, kM>(nx, nbuf, lane, s_x, p.m, [&](int64_t j, const float (&acc)[1][kM]) {
-#pragma unroll
-    for (int t = 0; t < kM; ++t) {
-      if (lane == t && t < p.m) {
-        next_out[t * p.next_n + j] = from_float<T>(acc[0][t] + (bias != nullptr ? to_float<T>(bias[j]) : 0.f));
       }
     }
   });
@@ -317,16 +284,6 @@ void fused_mlp(const FusedMlpArgs& a, uintptr_t stream_handle) {
   p.eps = a.eps;
   p.m = static_cast<int>(m);
   p.separate = a.out.data != a.residual.data;
-  if (a.next_weight.data != nullptr) {
-    check(aligned16(a.next_weight.data) && aligned16(a.next_norm.data),
-          "fused_mlp (CUDA): next_weight and next_norm must start on a 16-byte boundary (16-byte vector loads)");
-    p.next_norm = a.next_norm.data;
-    p.next_weight = a.next_weight.data;
-    p.next_bias = a.next_bias.data;
-    p.next_out = a.next_out.data;
-    p.next_n = a.next_weight.size(0);
-    p.next_eps = a.next_eps;
-  }
   const int64_t smem = smem_bytes(m, h, inter, attn);
   cudaStream_t stream = as_stream(stream_handle);
   if (a.residual.dtype == DType::kBFloat16) {

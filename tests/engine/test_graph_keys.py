@@ -54,6 +54,4 @@ def test_layer_form_choice():
 def test_layer_form_names():
     assert LayerForm().name == "unfused"
     assert LayerForm(fused=True, fused_qkv=True).name == "fused + fused qkv"
-    assert LayerForm(fused_mlp=True).name == "unfused + fused MLP"
-    assert LayerForm(fused_mlp=True, fused_qkv=True).name == "chained"
-    assert LayerForm(True, True, True).chained and not LayerForm(True, True, False).chained
+    assert LayerForm(fused_mlp=True, fused_qkv=True).name == "unfused + fused MLP + fused qkv"

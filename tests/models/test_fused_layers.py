@@ -136,19 +136,19 @@ def test_fused_mlp_refuses_what_it_cannot_take(family) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fused_layers", [False, True], ids=["unfused-layers", "fused-layers"])
 @pytest.mark.parametrize("rows", [1, 2])
-@pytest.mark.parametrize("fused_mlp", [False, True], ids=["plain-mlp", "chained"])
+@pytest.mark.parametrize("fused_mlp", [False, True], ids=["plain-mlp", "fused-mlp"])
 def test_fused_qkv_step_matches_plain(family, device, fused_layers, rows, fused_mlp) -> None:
     """One decode step with the input norm and the qkv product as one op (LlamaAttention.fused_qkv),
-    in both layer forms, and chained through the fused MLP (forward_chained) where the model takes
-    it, against the plain unfused layers from the same KV cache: the logits agree to bf16 rounding
-    of the products, and so do the picks. Every family, q/k/v biases included."""
+    in both layer forms, alone and with the fused MLP where the model takes it, against the plain
+    unfused layers from the same KV cache: the logits agree to bf16 rounding of the products, and so
+    do the picks. Every family, q/k/v biases included."""
     name, _, path = family
     model, _ = load_model(path, device=device, dtype=torch.bfloat16)
     inner = model.model
     assert inner.qkv_rows == frozenset()
     assert inner.fused_qkv_supported(rows) and not inner.fused_qkv_supported(3)
     if fused_mlp and not inner.fused_mlp_supported(rows):
-        pytest.skip(f"{name} has MLP or o biases: no fused MLP to chain through")
+        pytest.skip(f"{name} has MLP or o biases, which the fused MLP does not take")
     lengths = (7, 40)[:rows]
     plain, fused = _decode_step_both_ways(
         model, lengths, fused_layers=fused_layers, fused_mlp=fused_mlp, fused_qkv=True

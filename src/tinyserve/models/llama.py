@@ -87,28 +87,12 @@ class LlamaMLP(nn.Module):
         workspace: torch.Tensor,
         o_proj: Linear,
         out: torch.Tensor | None = None,
-        next_qkv: tuple[RMSNorm, MergedLinear] | None = None,
     ) -> torch.Tensor:
         """The attention's o projection, the norm, this MLP and the residual adds around them as one
         op (ops.fused_mlp). attn_out: the attention output, before o_proj. With out: residual +=
         o(attn_out) in place and the MLP output is written into out (returned). Without:
-        residual += o(attn_out) + MLP(norm(...)) in place, residual returned; with next_qkv (the
-        next layer's input norm and qkv product) too, that layer's qkv is returned instead."""
+        residual += o(attn_out) + MLP(norm(...)) in place, residual returned."""
         gate_up, down = self.gate_up_proj.weight, self.down_proj.weight
-        if next_qkv is None:
-            target = out if out is not None else residual
-            return ops.fused_mlp(
-                residual,
-                norm.weight,
-                norm.eps,
-                gate_up,
-                down,
-                workspace,
-                attn_out,
-                target,
-                o_weight=o_proj.weight,
-            )
-        next_norm, next_proj = next_qkv
         return ops.fused_mlp(
             residual,
             norm.weight,
@@ -117,12 +101,8 @@ class LlamaMLP(nn.Module):
             down,
             workspace,
             attn_out,
-            residual,
+            out if out is not None else residual,
             o_weight=o_proj.weight,
-            next_norm=next_norm.weight,
-            next_eps=next_norm.eps,
-            next_weight=next_proj.weight,
-            next_bias=next_proj.bias,
         )
 
     def fused_supported(self, rows: int, dtype: torch.dtype, device: torch.device, o_proj: Linear) -> bool:
@@ -196,25 +176,6 @@ class LlamaDecoderLayer(nn.Module):
         gate_up = mlp.gate_up_proj.fused(residual, norm=self.post_attention_layernorm)
         mlp.down_proj.fused(gate_up, silu_input=True, residual=residual)
 
-    def forward_chained(
-        self,
-        residual: torch.Tensor,
-        qkv: torch.Tensor,
-        rope: BoundRope,
-        md: AttentionMetadata,
-        mlp_workspace: torch.Tensor,
-        next_layer: LlamaDecoderLayer | None,
-    ) -> torch.Tensor:
-        """The layer from its qkv on, with the fused MLP carrying the next layer's input norm and qkv
-        product: RoPE and the cache write, the attention, then one op for o_proj, the MLP and the
-        next layer's start. The residual stream is updated in place; returns the next layer's qkv
-        (or the residual stream after the last layer)."""
-        attn = self.self_attn
-        attn_out = attn.attend(qkv, rope, md)
-        nxt = None if next_layer is None else (next_layer.input_layernorm, next_layer.self_attn.qkv_proj)
-        norm = self.post_attention_layernorm
-        return self.mlp.fused(attn_out, residual, norm, mlp_workspace, attn.o_proj, next_qkv=nxt)
-
     def fused_supported(self, residual: torch.Tensor) -> bool:
         """Whether forward_fused takes a residual stream of this shape, dtype and device."""
         attn, mlp = self.self_attn, self.mlp
@@ -246,8 +207,7 @@ class LlamaModel(nn.Module):
         self.mlp_rows: frozenset[int] = frozenset()
         self._mlp_workspace: torch.Tensor | None = None
         # Token counts whose decoder layers run the input norm and the qkv product as one op
-        # (LlamaAttention.fused_qkv): set by the runner. Where the fused MLP runs too, the layers
-        # chain: each fused MLP runs the next layer's norm and qkv product (forward_chained).
+        # (LlamaAttention.fused_qkv): set by the runner.
         self.qkv_rows: frozenset[int] = frozenset()
 
     def fused_supported(self, num_tokens: int) -> bool:
@@ -294,14 +254,6 @@ class LlamaModel(nn.Module):
         num_tokens = input_ids.shape[0]
         mlp_ws = self._mlp_workspace if num_tokens in self.mlp_rows else None
         fused_qkv = num_tokens in self.qkv_rows
-        if mlp_ws is not None and fused_qkv:
-            # Chained: each layer's fused MLP also runs the next layer's norm and qkv product.
-            first = self.layers[0]
-            qkv, _ = first.self_attn.fused_qkv(hidden, None, first.input_layernorm)
-            nexts = list(self.layers[1:]) + [None]
-            for layer, nxt in zip(self.layers, nexts, strict=True):
-                qkv = layer.forward_chained(hidden, qkv, rope, md, mlp_ws, nxt)  # hidden: the stream
-            return self.norm.normalize(hidden)
         if num_tokens in self.fused_rows:
             for layer in self.layers:
                 # hidden is the residual stream, in place

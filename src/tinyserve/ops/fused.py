@@ -335,10 +335,6 @@ def fused_mlp(
     hidden: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     o_weight: torch.Tensor | None = None,
-    next_norm: torch.Tensor | None = None,
-    next_eps: float = 0.0,
-    next_weight: torch.Tensor | None = None,
-    next_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The second half of a pre-norm SwiGLU decoder layer at decode sizes, as one kernel on CUDA.
     With h = hidden, or h = o(hidden) = hidden . o_weight^T when o_weight is given (hidden is then
@@ -350,10 +346,6 @@ def fused_mlp(
         no hidden:        residual += y of RMSNorm(residual) in place; returns residual
 
     out defaults to residual with o_weight and to hidden (overwritten) without.
-
-    With next_weight (out must then be residual), the same kernel also starts the next block, as
-    fused_norm_linear(residual, next_norm, next_eps, next_weight, bias=next_bias) would on the
-    updated residual, and returns that product [m, N] instead.
 
     Every intermediate is rounded to the dtype where the unfused ops (o product, fused_add_rms_norm,
     the gate_up product, silu_and_mul, the down product, the residual adds) store it, so the results
@@ -368,8 +360,6 @@ def fused_mlp(
         hidden: optional [m, H], the attention block's output, or [m, Q] with o_weight.
         out: optional [m, H]; may be hidden itself, else it must overlap no input.
         o_weight: optional [H, Q], the attention's o projection (no bias).
-        next_norm, next_eps, next_weight, next_bias: optional: the next layer's input RMSNorm
-            ([H] and its epsilon), its qkv weight [N, H] and bias [N].
     All tensors on one device, of residual's dtype, contiguous.
     """
     m, h = _check_half_rows("fused_mlp", "residual", residual)
@@ -415,25 +405,6 @@ def fused_mlp(
                 raise ValueError("out must be contiguous")
             if out.data_ptr() != hidden.data_ptr() and (overlaps(out, hidden) or overlaps(out, residual)):
                 raise ValueError("out must be hidden itself or overlap none of hidden and residual")
-    next_out = None
-    if next_weight is not None:
-        if out is not residual:
-            raise ValueError("with next_weight the result must go into residual (out None or residual)")
-        _check_matrix("next_weight", next_weight, residual, "residual")
-        if next_weight.shape[1] != h:
-            raise ValueError(f"next_weight must be [N, {h}], got {tuple(next_weight.shape)}")
-        if next_norm is None:
-            raise ValueError("next_weight needs next_norm, the next block's RMSNorm weight")
-        _check_weight("next_norm", next_norm, residual, "residual")
-        n = next_weight.shape[0]
-        if next_bias is not None:
-            _check_like("next_bias", next_bias, residual, "residual", same_shape=False)
-            if tuple(next_bias.shape) != (n,) or not next_bias.is_contiguous():
-                raise ValueError(f"next_bias must be a contiguous [{n}] tensor, got {tuple(next_bias.shape)}")
-        weights += [("next_norm", next_norm), ("next_weight", next_weight)]
-        next_out = torch.empty((m, n), dtype=residual.dtype, device=residual.device)
-    elif next_norm is not None or next_bias is not None:
-        raise ValueError("next_norm and next_bias go with next_weight")
     for name, w in weights:
         if overlaps(w, out) or (out is not residual and overlaps(w, residual)):
             raise ValueError(f"{name} must not overlap the outputs")
@@ -465,14 +436,9 @@ def fused_mlp(
         view(out),
         view(workspace),
         float(eps),
-        None if next_out is None else view(next_norm),
-        None if next_out is None else view(next_weight),
-        None if next_bias is None else view(next_bias),
-        None if next_out is None else view(next_out),
-        float(next_eps),
         stream_of(residual),
     )
-    return out if next_out is None else next_out
+    return out
 
 
 def fused_norm_linear_supported(rows: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:

@@ -18,9 +18,8 @@ where it is clearly faster (TINYSERVE_FUSED_LAYERS=0 never fuses, =1 always fuse
 Likewise two ops that stream the weights on CUDA cores at one or two tokens can replace parts of
 either form: o_proj, the post-attention norm and the MLP as one kernel (LlamaMLP.fused,
 ops.fused_mlp; TINYSERVE_FUSED_MLP), and the input norm with the qkv product (LlamaAttention.fused_qkv,
-ops.fused_norm_linear; TINYSERVE_FUSED_QKV). With both, the layers chain: each fused MLP also runs
-the next layer's norm and qkv product (LlamaDecoderLayer.forward_chained), in either form alike.
-Each variable is 0, 1 or auto as above; every open combination is measured and the fastest kept.
+ops.fused_norm_linear; TINYSERVE_FUSED_QKV). Each variable is 0, 1 or auto as above; every open
+combination is measured and the fastest kept.
 """
 
 from __future__ import annotations
@@ -54,14 +53,7 @@ class LayerForm(NamedTuple):
     fused_qkv: bool = False  # the input norm and the qkv product as one op
 
     @property
-    def chained(self) -> bool:
-        """Both fused ops: the layers chain through the fused MLP, whichever `fused` says."""
-        return self.fused_mlp and self.fused_qkv
-
-    @property
     def name(self) -> str:
-        if self.chained:
-            return "chained"
         parts = ["fused" if self.fused else "unfused"]
         parts += ["fused MLP"] if self.fused_mlp else []
         parts += ["fused qkv"] if self.fused_qkv else []
@@ -132,11 +124,6 @@ def graph_len_bounds(max_model_len: int) -> list[int]:
         bounds.append(bound)
         bound *= 2
     return bounds + [max_model_len]
-
-
-def _measured(form: LayerForm) -> LayerForm:
-    """The form to measure for `form`: the chained layers as the unfused form's."""
-    return form._replace(fused=False) if form.chained else form
 
 
 class DecodeGraphs:
@@ -246,9 +233,7 @@ class DecodeGraphs:
                 [False, True] if mode == "auto" and bs in ok else [mode == "1" and bs in ok]
                 for mode, ok in zip(modes, supported, strict=True)
             ]
-            # The chained layers run alike in both forms: measured once (as the unfused form's
-            # where both are open).
-            forms = list(dict.fromkeys(_measured(LayerForm(*c)) for c in itertools.product(*options)))
+            forms = [LayerForm(*c) for c in itertools.product(*options)]
             if len(forms) == 1:
                 chosen[bs] = forms[0]
                 continue
