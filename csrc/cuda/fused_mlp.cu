@@ -69,21 +69,18 @@ template <typename T, int kM>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) fused_mlp_kernel(const MlpParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   float* s_x = reinterpret_cast<float*>(smem);  // [m][Q]: attn; then [m][H]: the normalised input; then [m][I]: a
-  __shared__ float s_red[kWarps][kM];
-  __shared__ float s_inv[kM];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t total_warps = static_cast<int64_t>(gridDim.x) * kWarps;
-  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  __shared__ NormScratch<kM> scratch;
+  const WarpSlot me = warp_slot();
+  const int lane = me.lane;
 
-  // Gate/up rows i and I + i, items i = gw, gw + total_warps, ...
-  const RowStream<T, 2> up(p.gate_up, p.h, p.inter, gw, total_warps, p.inter);
+  // Gate/up rows i and I + i, items i = me.index, me.index + me.count, ...
+  const RowStream<T, 2> up(p.gate_up, p.h, p.inter, me.index, me.count, p.inter);
   uint4 ubuf[kUpDepth][2][kBatch];
   if (p.o_weight != nullptr) {
-    // 0. h[:, j] = attn . o[j], rows j = gw, gw + total_warps, ...; rounded as the product's output.
-    const RowStream<T, 1> os(p.o_weight, p.q, 0, gw, total_warps, p.h);
+    // 0. h[:, j] = attn . o[j], rows j = me.index, me.index + me.count, ...; rounded as the product's output.
+    const RowStream<T, 1> os(p.o_weight, p.q, 0, me.index, me.count, p.h);
     uint4 obuf[kDownDepth][1][kBatch];
-#pragma unroll
-    for (int d = 0; d < kDownDepth; ++d) os.load(d, lane, obuf[d]);  // weights: before the wait
+    os.prime(lane, obuf);  // weights: before the wait
     pdl_wait();
     pdl_launch_dependents();
     stage_rows<T>(s_x, static_cast<const T*>(p.attn), p.m, p.q);
@@ -95,12 +92,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) fused_mlp_kernel(const
         if (lane == t && t < p.m) o_out[t * p.h + j] = from_float<T>(acc[0][t]);
       }
     });
-#pragma unroll
-    for (int d = 0; d < kUpDepth; ++d) up.load(d, lane, ubuf[d]);
+    up.prime(lane, ubuf);
     grid_barrier(p.barrier);
   } else {
-#pragma unroll
-    for (int d = 0; d < kUpDepth; ++d) up.load(d, lane, ubuf[d]);  // weights: before the wait
+    up.prime(lane, ubuf);  // weights: before the wait
     pdl_wait();
     pdl_launch_dependents();
   }
@@ -108,7 +103,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) fused_mlp_kernel(const
   // 1. r = residual (+ hidden), rounded; x = RMSNorm(r), staged in shared memory as floats.
   const T* hidden = static_cast<const T*>(p.hidden);
   stage_normalised<T, kM>(s_x, static_cast<const T*>(p.residual), hidden, static_cast<const T*>(p.norm_weight), p.h,
-                          p.eps, p.m, nullptr, s_red, s_inv);
+                          p.eps, p.m, nullptr, scratch);
 
   // 2. a[:, i] = silu(g) * u, g and u rounded as the product's output, then SiluAndMul's rounding.
   T* act = static_cast<T*>(p.act);
@@ -122,11 +117,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) fused_mlp_kernel(const
     }
   });
 
-  // 3. Down rows j = gw, gw + total_warps, ...: their first loads go out before the barrier.
-  const RowStream<T, 1> dn(p.down, p.inter, 0, gw, total_warps, p.h);
+  // 3. Down rows j = me.index, me.index + me.count, ...: their first loads go out before the barrier.
+  const RowStream<T, 1> dn(p.down, p.inter, 0, me.index, me.count, p.h);
   uint4 dbuf[kDownDepth][1][kBatch];
-#pragma unroll
-  for (int d = 0; d < kDownDepth; ++d) dn.load(d, lane, dbuf[d]);
+  dn.prime(lane, dbuf);
   grid_barrier(p.barrier + 2);
 
   // 4. a into shared memory (over x, which nothing reads any more), then the down rows.
@@ -154,8 +148,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) fused_mlp_kernel(const
   });
 }
 
-// Static shared memory of the kernel (s_red, s_inv), kept out of the dynamic budget.
-constexpr int64_t kStaticSmem = 4 * (kWarps + 1) * kFusedMlpMaxRows;
+// Static shared memory of the kernels (NormScratch), kept out of the dynamic budget.
+constexpr int64_t kStaticSmem = sizeof(NormScratch<kFusedMlpMaxRows>);
 
 // attn, then x, then a, of every row as floats.
 int64_t smem_bytes(int64_t rows, int64_t hidden, int64_t inter, int64_t attn) {
@@ -196,20 +190,17 @@ template <typename T, int kM>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) fused_norm_linear_kernel(const NormLinearParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   float* s_x = reinterpret_cast<float*>(smem);  // [m][K]: the normalised input
-  __shared__ float s_red[kWarps][kM];
-  __shared__ float s_inv[kM];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t total_warps = static_cast<int64_t>(gridDim.x) * kWarps;
-  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  const RowStream<T, 1> ws(p.weight, p.k, 0, gw, total_warps, p.n);
+  __shared__ NormScratch<kM> scratch;
+  const WarpSlot me = warp_slot();
+  const int lane = me.lane;
+  const RowStream<T, 1> ws(p.weight, p.k, 0, me.index, me.count, p.n);
   uint4 buf[kLinearDepth][1][kBatch];
-#pragma unroll
-  for (int d = 0; d < kLinearDepth; ++d) ws.load(d, lane, buf[d]);  // weights: before the wait
+  ws.prime(lane, buf);  // weights: before the wait
   pdl_wait();
   pdl_launch_dependents();
   stage_normalised<T, kM>(s_x, static_cast<const T*>(p.x), static_cast<const T*>(p.residual),
                           static_cast<const T*>(p.norm_weight), p.k, p.eps, p.m, static_cast<T*>(p.residual_out),
-                          s_red, s_inv);
+                          scratch);
   const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.out);
   run_stream<kLinearDepth, kM>(ws, buf, lane, s_x, p.m, [&](int64_t j, const float (&acc)[1][kM]) {

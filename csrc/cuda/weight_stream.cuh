@@ -29,6 +29,26 @@ constexpr int kBlocksPerSm = 2;  // every kernel built on this is __launch_bound
 constexpr int kChunk = 256;      // k elements a warp's 16-byte loads cover (32 lanes x 8)
 constexpr int kBatch = 4;        // chunks per row per batch: a batch is 1024 k of each row
 
+// This warp's place in the grid: its index among all the grid's warps (the first item it takes in
+// a RowStream) and their count (its stride).
+struct WarpSlot {
+  int warp, lane;
+  int64_t index, count;
+};
+
+__device__ __forceinline__ WarpSlot warp_slot() {
+  const int warp = threadIdx.x / 32;
+  return WarpSlot{warp, static_cast<int>(threadIdx.x % 32), static_cast<int64_t>(blockIdx.x) * kWarps + warp,
+                  static_cast<int64_t>(gridDim.x) * kWarps};
+}
+
+// Shared memory of stage_normalised: the warps' partial sums of squares and each row's 1 / rms.
+template <int kM>
+struct NormScratch {
+  float red[kWarps][kM];
+  float inv[kM];
+};
+
 // Data an earlier kernel (or another block of this one, after a barrier) wrote: through L2, not the
 // read-only path.
 __device__ __forceinline__ uint4 load_coherent(const void* ptr) { return __ldcg(static_cast<const uint4*>(ptr)); }
@@ -98,6 +118,13 @@ struct RowStream {
 #pragma unroll
       for (int r = 0; r < kRows; ++r) v[r][c] = load16<true>(w + (it + r * row_gap) * len + k, ok && k < len);
     }
+  }
+
+  // The loads of the first kDepth batches, for run_stream's ring (issued early: in flight meanwhile).
+  template <int kDepth>
+  __device__ void prime(int lane, uint4 (&buf)[kDepth][kRows][kBatch]) const {
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d) load(d, lane, buf[d]);
   }
 
   // acc[r][t] += row r of batch b . x[t] (x: [m][len] floats in shared memory).
@@ -185,8 +212,9 @@ __device__ __forceinline__ void stage_rows(float* s, const T* src, int m, int64_
 // block 0 also stores r there. Ends with __syncthreads.
 template <typename T, int kM>
 __device__ __forceinline__ void stage_normalised(float* s_x, const T* base, const T* add, const T* gamma, int64_t h,
-                                                 float eps, int m, T* r_out, float (&s_red)[kWarps][kM],
-                                                 float (&s_inv)[kM]) {
+                                                 float eps, int m, T* r_out, NormScratch<kM>& scratch) {
+  float(&s_red)[kWarps][kM] = scratch.red;
+  float(&s_inv)[kM] = scratch.inv;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int vecs = static_cast<int>(h / 8);  // per row
   const bool store_r = r_out != nullptr && blockIdx.x == 0;

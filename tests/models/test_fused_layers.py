@@ -46,6 +46,18 @@ def _decode_step_both_ways(
     return plain, other
 
 
+def _greedy_matches_transformers(family, device, fuse, prompt_len: int, seed: int, what: str) -> None:
+    """Greedy decoding of a random prompt with `fuse(model.model)` applied (the decode steps' form):
+    transformers' tokens in bf16, or a near tie at the first difference (the vLLM criterion)."""
+    name, hf_model, path = family
+    model, _ = load_model(path, device=device, dtype=torch.bfloat16)
+    fuse(model.model)
+    hf = copy.deepcopy(hf_model).to(device, torch.bfloat16)
+    prompt = random_prompt(prompt_len, seed=seed)
+    tokens, step_logits = PagedRunner(model, num_blocks=16, block_size=16, seed=2).greedy(0, prompt, 24)
+    check_greedy_close(hf, prompt, tokens, step_logits, f"{name} {what} bf16 on {device}")
+
+
 def _same_picks(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     """Logits agree to bf16 rounding of the products, and each row's pick is the other's top two."""
     assert rel_err(got, want) < 2e-2, what
@@ -72,13 +84,11 @@ def test_fused_step_matches_unfused(family, device) -> None:
 def test_fused_greedy_matches_transformers(family, device) -> None:
     """Greedy decoding with every decode step fused: transformers' tokens in bf16 (or a near tie at
     the first difference, the vLLM criterion)."""
-    name, hf_model, path = family
-    hf = copy.deepcopy(hf_model).to(device, torch.bfloat16)
-    model, _ = load_model(path, device=device, dtype=torch.bfloat16)
-    model.model.fused_rows = frozenset({1})
-    prompt = random_prompt(11, seed=7)
-    tokens, step_logits = PagedRunner(model, num_blocks=16, block_size=16, seed=2).greedy(0, prompt, 24)
-    check_greedy_close(hf, prompt, tokens, step_logits, f"{name} fused bf16 on {device}")
+
+    def fuse(inner) -> None:
+        inner.fused_rows = frozenset({1})
+
+    _greedy_matches_transformers(family, device, fuse, prompt_len=11, seed=7, what="fused")
 
 
 def test_fused_needs_half_precision(family) -> None:
@@ -113,15 +123,13 @@ def test_fused_mlp_step_matches_plain(family, device, fused_layers) -> None:
 def test_fused_mlp_greedy_matches_transformers(family, device) -> None:
     """Greedy decoding with every decode step's MLP fused (unfused layers): transformers' tokens in
     bf16, or a near tie at the first difference."""
-    name, hf_model, path = family
-    hf = copy.deepcopy(hf_model).to(device, torch.bfloat16)
-    model, _ = load_model(path, device=device, dtype=torch.bfloat16)
-    if model.arch_config.mlp_bias or model.arch_config.o_bias:
-        pytest.skip(f"{name} has MLP or o biases, which the fused MLP does not take (see the test above)")
-    model.model.use_fused_mlp(frozenset({1}))
-    prompt = random_prompt(13, seed=9)
-    tokens, step_logits = PagedRunner(model, num_blocks=16, block_size=16, seed=2).greedy(0, prompt, 24)
-    check_greedy_close(hf, prompt, tokens, step_logits, f"{name} fused MLP bf16 on {device}")
+
+    def fuse(inner) -> None:
+        if not inner.fused_mlp_supported(1):
+            pytest.skip(f"{family[0]} has MLP or o biases, which the fused MLP does not take (see above)")
+        inner.use_fused_mlp(frozenset({1}))
+
+    _greedy_matches_transformers(family, device, fuse, prompt_len=13, seed=9, what="fused MLP")
 
 
 def test_fused_mlp_refuses_what_it_cannot_take(family) -> None:
@@ -160,15 +168,13 @@ def test_fused_qkv_step_matches_plain(family, device, fused_layers, rows, fused_
 def test_fused_qkv_and_mlp_greedy_matches_transformers(family, device) -> None:
     """Greedy decoding with every decode step's qkv fused (and the MLP where the model takes it):
     transformers' tokens in bf16, or a near tie at the first difference."""
-    name, hf_model, path = family
-    hf = copy.deepcopy(hf_model).to(device, torch.bfloat16)
-    model, _ = load_model(path, device=device, dtype=torch.bfloat16)
-    model.model.qkv_rows = frozenset({1})
-    if model.model.fused_mlp_supported(1):
-        model.model.use_fused_mlp(frozenset({1}))
-    prompt = random_prompt(12, seed=10)
-    tokens, step_logits = PagedRunner(model, num_blocks=16, block_size=16, seed=2).greedy(0, prompt, 24)
-    check_greedy_close(hf, prompt, tokens, step_logits, f"{name} fused qkv bf16 on {device}")
+
+    def fuse(inner) -> None:
+        inner.qkv_rows = frozenset({1})
+        if inner.fused_mlp_supported(1):
+            inner.use_fused_mlp(frozenset({1}))
+
+    _greedy_matches_transformers(family, device, fuse, prompt_len=12, seed=10, what="fused qkv")
 
 
 def test_fused_qkv_needs_half_precision(family) -> None:

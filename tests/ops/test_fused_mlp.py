@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tinyserve import ops
 
 from .cuda_graph import capture
+from .tolerance import close_to_scale as _close
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 EPS = 1e-6
@@ -49,12 +50,6 @@ def _float64(residual, hidden, norm, gate_up, down):
     gu = x @ gate_up.double().T
     inter = down.shape[1]
     return (F.silu(gu[:, :inter]) * gu[:, inter:]) @ down.double().T, r
-
-
-def _close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float) -> None:
-    err = (got.double() - want.double()).abs().max().item()
-    scale = want.double().abs().max().item()
-    assert err <= tol * scale, f"{what}: max error {err:.3g} against max |value| {scale:.3g}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -113,6 +108,28 @@ def test_separate_out(device) -> None:
     _close(out, y_ref, "separate out", 2e-2)
 
 
+def _check_repeats_and_replays(step, residual0: torch.Tensor, workspace: torch.Tensor, barriers: int) -> None:
+    """step(residual) runs several fused_mlp launches on the stream in place: back-to-back eager runs
+    and CUDA-graph replays all give the first run's result (a fixed summation order), and the
+    barriers' counters (two u32 each) are zero after each."""
+
+    def counters_zero() -> bool:
+        torch.cuda.synchronize()
+        return int(workspace[: 8 * barriers].count_nonzero()) == 0
+
+    eager = step(residual0.clone())
+    assert counters_zero()
+    for _ in range(3):
+        assert torch.equal(step(residual0.clone()), eager)
+    stream = residual0.clone()
+    graph, result = capture(lambda: step(stream))
+    for _ in range(3):
+        stream.copy_(residual0)
+        graph.replay()
+        assert torch.equal(result, eager)
+    assert counters_zero()
+
+
 @pytest.mark.cuda
 def test_cuda_repeated_calls_and_graph_replay() -> None:
     """The grid barrier's counters are zero after every launch, so back-to-back launches (as the
@@ -127,19 +144,7 @@ def test_cuda_repeated_calls_and_graph_replay() -> None:
             ops.fused_mlp(residual, norm, EPS, gate_up, down, workspace)
         return residual
 
-    eager = step(residual0.clone())
-    torch.cuda.synchronize()
-    assert int(workspace[:8].count_nonzero()) == 0
-    for _ in range(3):
-        assert torch.equal(step(residual0.clone()), eager)  # deterministic: fixed summation order
-    stream = residual0.clone()
-    graph, result = capture(lambda: step(stream))
-    for _ in range(3):
-        stream.copy_(residual0)
-        graph.replay()
-        assert torch.equal(result, eager)
-    torch.cuda.synchronize()
-    assert int(workspace[:8].count_nonzero()) == 0
+    _check_repeats_and_replays(step, residual0, workspace, barriers=2)
     # with hidden, against the unfused ops, after the graph runs
     norm, gate_up, down = layers[0]
     res, hid = residual0.clone(), hidden0.clone()
@@ -263,16 +268,4 @@ def test_cuda_with_o_repeated_calls_and_graph_replay() -> None:
             ops.fused_mlp(residual, norm, EPS, gate_up, down, workspace, hidden=attn, o_weight=o)
         return residual
 
-    eager = step(residual0.clone())
-    torch.cuda.synchronize()
-    assert int(workspace[:16].count_nonzero()) == 0
-    for _ in range(3):
-        assert torch.equal(step(residual0.clone()), eager)
-    stream = residual0.clone()
-    graph, result = capture(lambda: step(stream))
-    for _ in range(3):
-        stream.copy_(residual0)
-        graph.replay()
-        assert torch.equal(result, eager)
-    torch.cuda.synchronize()
-    assert int(workspace[:16].count_nonzero()) == 0
+    _check_repeats_and_replays(step, residual0, workspace, barriers=2)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tinyserve import ops
 
 from .cuda_graph import capture
+from .tolerance import close_to_scale as _close
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 EPS = 1e-6
@@ -39,12 +40,6 @@ def _float64(x, residual, norm, weight, bias):
     r = x.double() + (residual.double() if residual is not None else 0)
     y = (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + EPS) * norm.double()) @ weight.double().T
     return y + (bias.double() if bias is not None else 0)
-
-
-def _close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float) -> None:
-    err = (got.double() - want.double()).abs().max().item()
-    scale = want.double().abs().max().item()
-    assert err <= tol * scale, f"{what}: max error {err:.3g} against max |value| {scale:.3g}"
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,8 @@ from torch import nn
 
 from tinyserve import ops
 from tinyserve.layers.linear import Linear
+
+R = TypeVar("R")
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +61,25 @@ class LinearChoice:
         return self.skinny_s < (1.0 - MARGIN) * self.cublas_s
 
 
+def capture_graph(fn: Callable[[], R]) -> tuple[torch.cuda.CUDAGraph, R]:
+    """Runs fn once on a side stream (first-call set-up, allocator warm-up outside the capture),
+    then captures it in a CUDA graph on the current device; returns the graph and what the captured
+    call returned (the tensors each replay rewrites)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
+
+
 def time_graph(fn, repeats: int = REPEATS, warmup: int = 1) -> float:
     """Median seconds of one replay of `fn` captured in a CUDA graph (on the current device), after
     `warmup` untimed replays. fn runs once outside the capture first (lazy set-up, allocator)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture_graph(fn)
     for _ in range(warmup):
         graph.replay()
     times = []
