@@ -63,7 +63,7 @@ bool programmatic_launch_enabled(int device);
 }  // namespace cuda
 #endif
 
-// ---- fused MLP block for decode (Python side: tinyserve/ops/matmul.py fused_mlp) ----
+// ---- fused MLP block for decode (Python side: tinyserve/ops/fused.py fused_mlp) ----
 
 // The second half of a decoder layer at a few token rows, as one op (float16/bfloat16, float32
 // accumulation, every intermediate rounded where the unfused ops store it):

@@ -1,6 +1,8 @@
-"""Fused elementwise/row ops of the decoder layer: RMSNorm (with the residual add fused in), RoPE (with
-Qwen3's per-head q/k RMSNorm fused in) and SiLU-and-mul. Each is one kernel where PyTorch needs
-several, and rounds where the unfused PyTorch formulas (and transformers) round.
+"""Fused ops of the decoder layer: RMSNorm (with the residual add fused in), RoPE (with Qwen3's
+per-head q/k RMSNorm fused in) and SiLU-and-mul, each one kernel where PyTorch needs several; and
+for one or two tokens a step, the weight-streaming blocks fused_mlp (o projection, norm and MLP)
+and fused_norm_linear (norm and the qkv product). All round where the unfused PyTorch formulas
+(and transformers) round.
 
 NOTE: on CUDA these ops never synchronise or read device tensors on the host, so they can be captured
 in CUDA graphs.
