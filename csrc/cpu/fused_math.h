@@ -16,18 +16,6 @@ inline float round_to(float x) {
   return to_float(from_float<T>(x));
 }
 
-// a . b over n floats with 8 independent partial sums: no serial dependency chain, and it
-// vectorises (the products of the skinny GEMM and fused MLP twins).
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  }
-  for (; i < n; ++i) acc[0] += a[i] * b[i];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-
 template <typename T>
 float sum_of_squares(const T* x, int64_t n) {
   float acc[8] = {};  // 8 independent partial sums: no serial dependency chain, and it vectorises

@@ -1,38 +1,30 @@
-// CPU twins of the fused decode blocks (ops.h):
-//  - fused_mlp: [o product,] residual add, RMSNorm, gate/up product, SiLU-and-mul, down product and
-//    output add;
-//  - fused_norm_linear: residual add, RMSNorm and one product;
-// each stage rounded where the unfused ops store its output. Written for clarity: every stage goes
-// through a float32 buffer; the products run OpenMP over weight rows.
+// CPU twins of the fused decode blocks (ops.h), composed from the skinny GEMM's C++ twin, whose
+// RMSNorm and SiLU-and-mul prologues and residual epilogue round where the unfused ops store:
+//  - fused_mlp: [o product,] residual add, then gate_up with the norm prologue, then down with the
+//    SiLU-and-mul prologue (and the residual add);
+//  - fused_norm_linear: residual add, then the product with the norm prologue (and the bias).
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
 #include "../op_checks.h"
 #include "../ops.h"
-#include "fused_math.h"
 #include "half.h"
 
 namespace tinyserve::cpu {
 namespace {
 
-// Below this many weight elements a product stays on the calling thread.
-constexpr int64_t kParallelMinElems = int64_t{1} << 15;
-
-// y[r, j] = x[r, :] . w[j, :] for r < m, j < n (w [n, k] in T), unrounded.
-template <typename T>
-std::vector<float> product(const std::vector<float>& x, int64_t m, const T* w, int64_t n, int64_t k) {
-  std::vector<float> y(static_cast<size_t>(m * n));
-#pragma omp parallel if (n * k > kParallelMinElems)
-  {
-    std::vector<float> wf(static_cast<size_t>(k));
-#pragma omp for schedule(static)
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t i = 0; i < k; ++i) wf[i] = to_float(w[j * k + i]);
-      for (int64_t r = 0; r < m; ++r) y[r * n + j] = dot(x.data() + r * k, wf.data(), k);
-    }
-  }
-  return y;
+// A contiguous CPU view [rows, cols] of `data`.
+TensorView matrix(void* data, DType dtype, int64_t rows, int64_t cols) {
+  TensorView v;
+  v.data = data;
+  v.dtype = dtype;
+  v.ndim = 2;
+  v.shape[0] = rows;
+  v.shape[1] = cols;
+  v.strides[0] = cols;
+  v.strides[1] = 1;
+  return v;
 }
 
 // r = x (+ add), rounded, in T: the residual stream after the add.
@@ -43,70 +35,58 @@ std::vector<T> add_rounded(const T* x, const T* add, int64_t n) {
   return r;
 }
 
-// RMSNorm of each of the m rows of r [m, k], rounded as the norm stores it, as floats.
-template <typename T>
-std::vector<float> normalised(const std::vector<T>& r, int64_t m, int64_t k, const T* gamma, float eps) {
-  std::vector<float> x(static_cast<size_t>(m * k));
-  for (int64_t row = 0; row < m; ++row) {
-    const T* rr = r.data() + row * k;
-    const float inv = inv_rms(sum_of_squares(rr, k), k, eps);
-    for (int64_t i = 0; i < k; ++i) x[row * k + i] = round_to<T>(norm_value(rr[i], gamma[i], inv));
-  }
-  return x;
-}
-
 template <typename T>
 void fused_mlp_impl(const FusedMlpArgs& a) {
   const int64_t m = a.residual.size(0), h = a.residual.size(1), inter = a.down.size(1);
+  const DType dtype = a.residual.dtype;
   const T* hidden = a.hidden.ptr<const T>();
   std::vector<T> o_out;
-  if (a.o_weight.data != nullptr) {
-    // h = attn . o^T, rounded as the product's output.
-    const int64_t q = a.o_weight.size(1);
-    std::vector<float> attn(static_cast<size_t>(m * q));
-    for (int64_t i = 0; i < m * q; ++i) attn[i] = to_float(hidden[i]);
-    const std::vector<float> y = product(attn, m, a.o_weight.ptr<const T>(), h, q);
+  if (a.o_weight.data != nullptr) {  // h = attn . o^T
     o_out.resize(static_cast<size_t>(m * h));
-    for (int64_t i = 0; i < m * h; ++i) o_out[i] = from_float<T>(y[i]);
+    SkinnyGemmArgs o;
+    o.x = a.hidden;
+    o.weight = a.o_weight;
+    o.out = matrix(o_out.data(), dtype, m, h);
+    skinny_gemm(o);
     hidden = o_out.data();
   }
   T* residual = a.residual.ptr<T>();
-  const std::vector<T> r = add_rounded(residual, hidden, m * h);
-  const std::vector<float> x = normalised(r, m, h, a.norm_weight.ptr<const T>(), a.eps);
-  const std::vector<float> gu = product(x, m, a.gate_up.ptr<const T>(), 2 * inter, h);  // [m, 2I]
-  std::vector<float> act(static_cast<size_t>(m * inter));
-  for (int64_t row = 0; row < m; ++row) {
-    for (int64_t i = 0; i < inter; ++i) {
-      const float g = round_to<T>(gu[row * 2 * inter + i]), u = round_to<T>(gu[row * 2 * inter + inter + i]);
-      act[row * inter + i] = round_to<T>(silu_rounded<T>(g) * u);
-    }
-  }
-  const std::vector<float> y = product(act, m, a.down.ptr<const T>(), h, inter);  // [m, H]
-  T* out = a.out.ptr<T>();  // may be hidden or residual: every input has been read by now
-  const bool separate = a.out.data != a.residual.data;
-  for (int64_t i = 0; i < m * h; ++i) {
-    if (separate) {
-      residual[i] = r[i];
-      out[i] = from_float<T>(y[i]);
-    } else {
-      out[i] = from_float<T>(round_to<T>(y[i]) + to_float(r[i]));
-    }
+  std::vector<T> r = add_rounded(residual, hidden, m * h);
+  std::vector<T> gate_up(static_cast<size_t>(m * 2 * inter));
+  SkinnyGemmArgs gu;
+  gu.x = matrix(r.data(), dtype, m, h);
+  gu.weight = a.gate_up;
+  gu.norm_weight = a.norm_weight;
+  gu.eps = a.eps;
+  gu.out = matrix(gate_up.data(), dtype, m, 2 * inter);
+  skinny_gemm(gu);
+  // out may be hidden or residual: every input has been read by now.
+  SkinnyGemmArgs down;
+  down.x = gu.out;
+  down.weight = a.down;
+  down.silu = true;
+  down.out = a.out;
+  if (a.out.data != a.residual.data) {
+    skinny_gemm(down);  // out = y
+    std::copy(r.begin(), r.end(), residual);
+  } else {
+    down.residual = gu.x;  // residual = r + y
+    skinny_gemm(down);
   }
 }
 
 template <typename T>
 void fused_norm_linear_impl(const FusedNormLinearArgs& a) {
-  const int64_t m = a.x.size(0), k = a.x.size(1), n = a.weight.size(0);
-  const std::vector<T> r = add_rounded(a.x.ptr<const T>(), a.residual.ptr<const T>(), m * k);
-  const std::vector<float> x = normalised(r, m, k, a.norm_weight.ptr<const T>(), a.eps);
-  const std::vector<float> y = product(x, m, a.weight.ptr<const T>(), n, k);
-  const T* bias = a.bias.ptr<const T>();
-  T* out = a.out.ptr<T>();
-  for (int64_t row = 0; row < m; ++row) {
-    for (int64_t j = 0; j < n; ++j) {
-      out[row * n + j] = from_float<T>(y[row * n + j] + (bias != nullptr ? to_float(bias[j]) : 0.f));
-    }
-  }
+  const int64_t m = a.x.size(0), k = a.x.size(1);
+  std::vector<T> r = add_rounded(a.x.ptr<const T>(), a.residual.ptr<const T>(), m * k);
+  SkinnyGemmArgs g;
+  g.x = matrix(r.data(), a.x.dtype, m, k);
+  g.weight = a.weight;
+  g.bias = a.bias;
+  g.norm_weight = a.norm_weight;
+  g.eps = a.eps;
+  g.out = a.out;
+  skinny_gemm(g);
   if (a.residual.data != nullptr) std::copy(r.begin(), r.end(), a.residual_out.ptr<T>());
 }
 

@@ -99,18 +99,9 @@ struct DeviceInfo {
 std::mutex g_cache_mutex;
 
 DeviceInfo device_info(int device) {
-  static std::unordered_map<int, DeviceInfo> cache;
-  std::lock_guard<std::mutex> lock(g_cache_mutex);
-  auto it = cache.find(device);
-  if (it != cache.end()) return it->second;
-  DeviceInfo info;
-  check_cuda(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device), "paged_attention: SM count");
-  check_cuda(cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, device),
-             "paged_attention: compute capability");
-  check_cuda(cudaDeviceGetAttribute(&info.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             "paged_attention: shared memory per block");
-  cache.emplace(device, info);
-  return info;
+  return DeviceInfo{device_attribute(device, cudaDevAttrMultiProcessorCount),
+                    device_attribute(device, cudaDevAttrComputeCapabilityMajor),
+                    device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin)};
 }
 
 // Raises the kernel's dynamic shared-memory limit when needed (only ever upwards: one function

@@ -71,6 +71,10 @@ __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
 // Whether a pointer allows 16-byte vector accesses.
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// cudaDeviceGetAttribute(attr, device), cached per (device, attribute): the kernels' launch plans
+// read SM counts, shared-memory and L2 sizes and compute capabilities on every call.
+int device_attribute(int device, cudaDeviceAttr attr);
+
 // Make `device` current for the launches that follow (skips the driver call when it already is).
 inline void use_device(int device, const char* op) {
   int current = -1;

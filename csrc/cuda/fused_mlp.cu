@@ -29,7 +29,9 @@
 // device, so it can be captured in a CUDA graph.
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
+#include <type_traits>
 
 #include "../op_checks.h"
 #include "../ops.h"
@@ -151,19 +153,23 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) fused_mlp_kernel(const
 // Static shared memory of the kernels (NormScratch), kept out of the dynamic budget.
 constexpr int64_t kStaticSmem = sizeof(NormScratch<kFusedMlpMaxRows>);
 
-// attn, then x, then a, of every row as floats.
-int64_t smem_bytes(int64_t rows, int64_t hidden, int64_t inter, int64_t attn) {
-  return rows * std::max({hidden, inter, attn}) * 4;
+// Dynamic shared memory of a kernel that stages, one after the other, rows of these widths as
+// floats (fused_mlp: attn, x, a; fused_norm_linear: x).
+int64_t staged_bytes(int64_t rows, std::initializer_list<int64_t> widths) { return rows * std::max(widths) * 4; }
+
+bool smem_fits(int64_t staged, int device) {
+  return staged + kStaticSmem <= device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
 }
 
-template <typename T>
-void launch_for(const MlpParams& p, int64_t smem, int device, cudaStream_t stream) {
+// The kernel instantiation for a dtype and row count: make(T{}, std::integral_constant<int, m>{})
+// returns kernel<T, m>.
+template <typename Make>
+const void* instantiation(DType dtype, int m, Make make) {
   static_assert(kFusedMlpMaxRows == 2, "one instantiation per row count");
-  MlpParams q = p;
-  void* args[] = {&q};
-  const void* kernel = p.m == 1 ? reinterpret_cast<const void*>(fused_mlp_kernel<T, 1>)
-                                : reinterpret_cast<const void*>(fused_mlp_kernel<T, 2>);
-  stream::launch(kernel, smem, kStaticSmem, args, device, stream, "fused_mlp: kernel launch");
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  if (dtype == DType::kBFloat16) return m == 1 ? make(__nv_bfloat16{}, One{}) : make(__nv_bfloat16{}, Two{});
+  return m == 1 ? make(__half{}, One{}) : make(__half{}, Two{});
 }
 
 // ---- RMSNorm and one product (ops.h fused_norm_linear) -------------------------------------------
@@ -213,20 +219,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) fused_norm_linear_kern
   });
 }
 
-template <typename T>
-void launch_norm_linear(const NormLinearParams& p, int device, cudaStream_t stream) {
-  NormLinearParams q = p;
-  void* args[] = {&q};
-  const void* kernel = p.m == 1 ? reinterpret_cast<const void*>(fused_norm_linear_kernel<T, 1>)
-                                : reinterpret_cast<const void*>(fused_norm_linear_kernel<T, 2>);
-  stream::launch(kernel, p.m * p.k * 4, kStaticSmem, args, device, stream, "fused_norm_linear: kernel launch");
-}
-
 }  // namespace
 
 bool fused_mlp_fits(int64_t rows, int64_t hidden, int64_t inter, int64_t attn, int device) {
   if (rows < 1 || rows > kFusedMlpMaxRows) return false;
-  return smem_bytes(rows, hidden, inter, attn) + kStaticSmem <= stream::max_smem(device);
+  return smem_fits(staged_bytes(rows, {hidden, inter, attn}), device);
+}
+
+bool fused_norm_linear_fits(int64_t rows, int64_t k, int device) {
+  if (rows < 1 || rows > kFusedMlpMaxRows) return false;
+  return smem_fits(staged_bytes(rows, {k}), device);
 }
 
 void fused_mlp(const FusedMlpArgs& a, uintptr_t stream_handle) {
@@ -275,22 +277,11 @@ void fused_mlp(const FusedMlpArgs& a, uintptr_t stream_handle) {
   p.eps = a.eps;
   p.m = static_cast<int>(m);
   p.separate = a.out.data != a.residual.data;
-  const int64_t smem = smem_bytes(m, h, inter, attn);
-  cudaStream_t stream = as_stream(stream_handle);
-  if (a.residual.dtype == DType::kBFloat16) {
-    launch_for<__nv_bfloat16>(p, smem, device, stream);
-  } else {
-    launch_for<__half>(p, smem, device, stream);
-  }
-}
-
-}  // namespace tinyserve::cuda
-
-namespace tinyserve::cuda {
-
-bool fused_norm_linear_fits(int64_t rows, int64_t k, int device) {
-  if (rows < 1 || rows > kFusedMlpMaxRows) return false;
-  return rows * k * 4 + kStaticSmem <= stream::max_smem(device);
+  const void* kernel = instantiation(a.residual.dtype, p.m, [](auto t, auto rows) {
+    return reinterpret_cast<const void*>(fused_mlp_kernel<decltype(t), decltype(rows)::value>);
+  });
+  stream::launch(kernel, p, staged_bytes(m, {h, inter, attn}), kStaticSmem, device, as_stream(stream_handle),
+                 "fused_mlp: kernel launch");
 }
 
 void fused_norm_linear(const FusedNormLinearArgs& a, uintptr_t stream_handle) {
@@ -322,12 +313,11 @@ void fused_norm_linear(const FusedNormLinearArgs& a, uintptr_t stream_handle) {
   p.k = k;
   p.eps = a.eps;
   p.m = static_cast<int>(m);
-  cudaStream_t stream = as_stream(stream_handle);
-  if (a.x.dtype == DType::kBFloat16) {
-    launch_norm_linear<__nv_bfloat16>(p, device, stream);
-  } else {
-    launch_norm_linear<__half>(p, device, stream);
-  }
+  const void* kernel = instantiation(a.x.dtype, p.m, [](auto t, auto rows) {
+    return reinterpret_cast<const void*>(fused_norm_linear_kernel<decltype(t), decltype(rows)::value>);
+  });
+  stream::launch(kernel, p, staged_bytes(m, {k}), kStaticSmem, device, as_stream(stream_handle),
+                 "fused_norm_linear: kernel launch");
 }
 
 }  // namespace tinyserve::cuda

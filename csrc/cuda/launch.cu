@@ -1,8 +1,10 @@
-// Kernel launches with programmatic dependent launch (see cuda_utils.cuh).
+// Kernel launches with programmatic dependent launch, and the cached device attributes (see
+// cuda_utils.cuh).
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
-#include <unordered_map>
+#include <utility>
 
 #include "../ops.h"
 #include "cuda_utils.cuh"
@@ -24,23 +26,25 @@ bool env_allows_pdl() {
   return allowed;
 }
 
-bool device_supports_pdl(int device) {
-  static std::mutex mutex;
-  static std::unordered_map<int, bool> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(device);
-  if (it != cache.end()) return it->second;
-  int major = 0;
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "PDL: compute capability");
-  return cache[device] = major >= 9;
-}
-
 }  // namespace
+
+int device_attribute(int device, cudaDeviceAttr attr) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, int>, int> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(device, static_cast<int>(attr));
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int value = 0;
+  check_cuda(cudaDeviceGetAttribute(&value, attr, device), "cudaDeviceGetAttribute");
+  cache.emplace(key, value);
+  return value;
+}
 
 bool pdl_enabled(int device) {
   const int mode = pdl_mode();
   if (mode == 0 || (mode < 0 && !env_allows_pdl())) return false;
-  return device_supports_pdl(device);
+  return device_attribute(device, cudaDevAttrComputeCapabilityMajor) >= 9;
 }
 
 void launch_kernel(const void* func, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, void** args,

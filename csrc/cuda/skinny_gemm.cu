@@ -370,16 +370,14 @@ KernelInfo kernel_info(const void* kernel, int device) {
   const auto key = std::make_pair(kernel, device);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  int sms = 0, per_sm = 0;
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "skinny_gemm: SM count");
+  int per_sm = 0;
   check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0), "skinny_gemm: occupancy");
   cudaFuncAttributes attrs{};
   check_cuda(cudaFuncGetAttributes(&attrs, kernel), "skinny_gemm: kernel attributes");
   // ptxVersion is the virtual architecture the code was compiled for (its __CUDA_ARCH__), also when
   // the driver compiles PTX for a newer card.
-  int l2 = 0;
-  check_cuda(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device), "skinny_gemm: L2 size");
-  const KernelInfo info{std::max(1, per_sm) * sms, attrs.ptxVersion >= 90, l2,
+  const KernelInfo info{std::max(1, per_sm) * device_attribute(device, cudaDevAttrMultiProcessorCount),
+                        attrs.ptxVersion >= 90, device_attribute(device, cudaDevAttrL2CacheSize),
                         static_cast<int64_t>(attrs.sharedSizeBytes)};
   cache.emplace(key, info);
   return info;

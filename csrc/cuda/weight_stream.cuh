@@ -14,8 +14,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <map>
-#include <mutex>
 #include <string>
 
 #include "../op_checks.h"
@@ -271,35 +269,24 @@ __device__ __forceinline__ void stage_normalised(float* s_x, const T* base, cons
 
 // ---- host side ----------------------------------------------------------------------------------
 
-// Opt-in shared memory per block on `device` (cached).
-inline int64_t max_smem(int device) {
-  static std::mutex mutex;
-  static std::map<int, int64_t> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(device);
-  if (it != cache.end()) return it->second;
-  int smem = 0;
-  check_cuda(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             "weight stream: shared memory per block");
-  cache.emplace(device, static_cast<int64_t>(smem));
-  return smem;
-}
-
-// Launches a kernel built on this header: kBlocksPerSm blocks of kThreads per SM (fewer where the
-// shared memory allows fewer), all resident at once as the grid barrier needs.
-inline void launch(const void* kernel, int64_t smem, int64_t static_smem, void** args, int device,
-                   cudaStream_t stream, const char* what) {
+// Launches a kernel built on this header with its parameter struct: kBlocksPerSm blocks of kThreads
+// per SM (fewer where the shared memory allows fewer), all resident at once as the grid barrier
+// needs.
+template <typename Params>
+void launch(const void* kernel, const Params& params, int64_t smem, int64_t static_smem, int device,
+            cudaStream_t stream, const char* what) {
   if (smem + static_smem > 48 * 1024) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                what);
   }
-  int per_sm = 0, sms = 0;
+  int per_sm = 0;
   check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(smem)),
              what);
   check(per_sm >= 1, std::string(what) + ": the kernel does not fit on an SM with " + std::to_string(smem) +
                          " bytes of shared memory");
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), what);
-  const int blocks = sms * std::min(per_sm, kBlocksPerSm);
+  const int blocks = device_attribute(device, cudaDevAttrMultiProcessorCount) * std::min(per_sm, kBlocksPerSm);
+  Params p = params;
+  void* args[] = {&p};
   launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), static_cast<size_t>(smem), stream, args,
                 device, what);
 }

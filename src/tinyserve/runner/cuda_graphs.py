@@ -244,8 +244,7 @@ class DecodeGraphs:
             choice = FusedChoice(bs, times)
             self.fused_choices.append(choice)
             chosen[bs] = choice.form
-        self._set_forms(chosen)
-        model.use_fused_mlp(model.mlp_rows)
+        self._set_forms(chosen)  # the fused MLP's workspace was sized for every supported size above
         if any(chosen.values()):
             logger.info(
                 "decoder layer forms: %s",
