@@ -299,15 +299,16 @@ void silu_and_mul(const TensorView& x, const TensorView& out, uintptr_t stream) 
 
 // ---- sampling (CPU twin or CUDA kernel, by the device of the data) ----
 
-// workspace: None, or int64 scratch for the partial results of rows split over thread blocks (CUDA).
-void sample_from_logits(const TensorView& logits, const TensorView& temperature, const TensorView& keys,
-                        const TensorView& counters, const TensorView& out, std::optional<TensorView> workspace,
-                        uintptr_t stream) {
+// temperature, keys, counters: all three, or None for all three (every row greedy). workspace: None,
+// or int64 scratch for the partial results of rows split over thread blocks (CUDA).
+void sample_from_logits(const TensorView& logits, std::optional<TensorView> temperature,
+                        std::optional<TensorView> keys, std::optional<TensorView> counters, const TensorView& out,
+                        std::optional<TensorView> workspace, uintptr_t stream) {
   tinyserve::SampleArgs args;
   args.logits = logits;
-  args.temperature = temperature;
-  args.keys = keys;
-  args.counters = counters;
+  if (temperature) args.temperature = *temperature;
+  if (keys) args.keys = *keys;
+  if (counters) args.counters = *counters;
   args.out = out;
   if (workspace) args.workspace = *workspace;
   if (logits.is_cuda()) {

@@ -223,9 +223,14 @@ inline void check_sample_args(const SampleArgs& a) {
             "; supported: float32, float16, bfloat16");
   check(x.size(1) >= 1 && x.size(1) <= INT32_MAX, "sample_from_logits: vocab_size must be in [1, 2^31)");
   const int64_t n = x.size(0);
-  check_row_param("sample_from_logits", "temperature", a.temperature, n, DType::kFloat32, x.device);
-  check_row_param("sample_from_logits", "keys", a.keys, n, DType::kInt64, x.device);
-  check_row_param("sample_from_logits", "counters", a.counters, n, DType::kInt64, x.device);
+  if (a.temperature.data == nullptr) {  // every row greedy: no noise
+    check(a.keys.data == nullptr && a.counters.data == nullptr,
+          "sample_from_logits: keys and counters go with temperature (without it every row is greedy)");
+  } else {
+    check_row_param("sample_from_logits", "temperature", a.temperature, n, DType::kFloat32, x.device);
+    check_row_param("sample_from_logits", "keys", a.keys, n, DType::kInt64, x.device);
+    check_row_param("sample_from_logits", "counters", a.counters, n, DType::kInt64, x.device);
+  }
   check_row_param("sample_from_logits", "out", a.out, n, DType::kInt64, x.device);
   if (a.workspace.data != nullptr) {
     check(a.workspace.ndim == 1 && a.workspace.stride(0) == 1 && a.workspace.dtype == DType::kInt64 &&

@@ -239,7 +239,8 @@ void silu_and_mul(const SiluAndMulArgs& args, uintptr_t stream);
 //   out[s] = argmax_v x_v                   otherwise (greedy).
 // Ties go to the lowest index; -inf logits never win (a row that is all -inf gives 0). Scores are
 // float32. temperature [num_seqs] float32; keys, counters [num_seqs] int64 (the bits of the rows'
-// uint64 key and counter); out [num_seqs] int64; any strides. CUDA only: workspace ([capacity]
+// uint64 key and counter); out [num_seqs] int64; any strides. Without temperature (data nullptr, and
+// then no keys or counters either) every row is greedy: the argmax op. CUDA only: workspace ([capacity]
 // int64, data may be nullptr) holds per-block partial results when a row is split over several
 // thread blocks; the split count is at most capacity / num_seqs.
 struct SampleArgs {

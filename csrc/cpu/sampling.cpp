@@ -60,13 +60,15 @@ void sample_impl(const SampleArgs& a) {
   const int64_t chunks = (vocab + kChunk - 1) / kChunk;
   const int64_t items = num_seqs * chunks;
   std::vector<uint64_t> partial(static_cast<size_t>(items));
+  const bool greedy = a.temperature.data == nullptr;
 #pragma omp parallel for schedule(dynamic) if (num_seqs * vocab > kParallelMinElems)
   for (int64_t item = 0; item < items; ++item) {
     const int64_t row = item / chunks, c = item % chunks;
     const T* x = a.logits.ptr<const T>() + row * a.logits.stride(0);
-    const float t = a.temperature.ptr<const float>()[row * a.temperature.stride(0)];
-    partial[item] =
-        best_in_range(x, c * kChunk, std::min(vocab, (c + 1) * kChunk), t, row_noise(a.keys, a.counters, row));
+    // No temperature: every row greedy.
+    const float t = greedy ? 0.f : a.temperature.ptr<const float>()[row * a.temperature.stride(0)];
+    const RowNoise noise = t > 0.f ? row_noise(a.keys, a.counters, row) : RowNoise{0, 0};
+    partial[item] = best_in_range(x, c * kChunk, std::min(vocab, (c + 1) * kChunk), t, noise);
   }
   int64_t* out = a.out.ptr<int64_t>();
   for (int64_t row = 0; row < num_seqs; ++row) {

@@ -259,11 +259,11 @@ template <typename T, int N, bool kVec>
 __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleParams p) {
   const int row = blockIdx.x, split = blockIdx.y;
   const T* x_row = static_cast<const T*>(p.logits) + int64_t{row} * p.row_stride;
-  const float temp = p.temperature[row * p.t_stride];
-  const bool sample = temp > 0.f;  // 0 (or negative, or NaN): greedy
+  const float temp = p.temperature != nullptr ? p.temperature[row * p.t_stride] : 0.f;
+  const bool sample = temp > 0.f;  // 0 (or negative, or NaN, or no temperature at all): greedy
   RowNoise rn;
-  rn.key = static_cast<uint64_t>(p.keys[row * p.k_stride]);
-  rn.counter = static_cast<uint64_t>(p.counters[row * p.c_stride]);
+  rn.key = sample ? static_cast<uint64_t>(p.keys[row * p.k_stride]) : 0;
+  rn.counter = sample ? static_cast<uint64_t>(p.counters[row * p.c_stride]) : 0;
   rn.neg_t = -temp;
   rn.neg_t_ln2 = -temp * kLn2;
   rn.cap = kNoiseCap * temp;
@@ -374,7 +374,7 @@ Occupancy occupancy(const void* func, int device) {
   auto it = per_device.find(device);
   if (it != per_device.end()) return it->second;
   Occupancy o;
-  check_cuda(cudaDeviceGetAttribute(&o.sms, cudaDevAttrMultiProcessorCount, device), "sample_from_logits: SM count");
+  o.sms = device_attribute(device, cudaDevAttrMultiProcessorCount);
   check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o.per_sm, func, kThreads, 0),
              "sample_from_logits: occupancy");
   o.sms = std::max(1, o.sms);
@@ -436,13 +436,15 @@ void sample_from_logits(const SampleArgs& a, uintptr_t stream_handle) {
   p.logits = x.data;
   p.row_stride = x.stride(0);
   p.vocab = static_cast<int>(x.size(1));
-  p.temperature = a.temperature.ptr<const float>();
-  p.keys = a.keys.ptr<const int64_t>();
-  p.counters = a.counters.ptr<const int64_t>();
   p.out = a.out.ptr<int64_t>();
-  p.t_stride = a.temperature.stride(0);
-  p.k_stride = a.keys.stride(0);
-  p.c_stride = a.counters.stride(0);
+  if (a.temperature.data != nullptr) {  // else every row is greedy
+    p.temperature = a.temperature.ptr<const float>();
+    p.keys = a.keys.ptr<const int64_t>();
+    p.counters = a.counters.ptr<const int64_t>();
+    p.t_stride = a.temperature.stride(0);
+    p.k_stride = a.keys.stride(0);
+    p.c_stride = a.counters.stride(0);
+  }
   p.out_stride = a.out.stride(0);
 
   check_cuda(cudaSetDevice(x.device), "sample_from_logits: cudaSetDevice");

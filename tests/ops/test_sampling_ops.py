@@ -172,6 +172,30 @@ def test_sample_from_logits_matches_reference(device, dtype, shape):
             assert got[i].item() == logits[i].float().argmax().item(), f"greedy row {i}"
 
 
+def _argmax_ref(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax in float64 with ties to the lowest index (all -inf rows give 0)."""
+    x = logits.double().cpu()
+    best = x.max(dim=-1, keepdim=True).values
+    hits = (x == best).double()
+    return (hits * torch.arange(x.shape[1], 0, -1, dtype=torch.float64)).argmax(dim=-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "s{}-v{}".format(*s))
+def test_sample_from_logits_without_temperature_is_the_argmax(device, dtype, shape):
+    """No temperature, keys or counters: every row greedy. Coarse logits give ties (lowest index)."""
+    num_seqs, vocab = shape
+    logits = _logits(num_seqs, vocab, seed=vocab + 7, dtype=dtype, device=device).round()
+    out = torch.full((num_seqs,), -1, dtype=torch.int64, device=device)
+    got = ops.sample_from_logits(logits, out=out)
+    assert got is out
+    assert torch.equal(got.cpu(), _argmax_ref(logits))
+    zero = torch.zeros(num_seqs, device=device)
+    k = torch.zeros(num_seqs, dtype=torch.int64, device=device)
+    assert torch.equal(got, ops.sample_from_logits(logits, zero, k, k)), "the same as temperature 0"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("offset", [0, 1, 8], ids=["aligned", "unaligned", "offset8"])
@@ -227,6 +251,7 @@ def test_sample_from_logits_infinities_and_ties(device, dtype):
     kt, ct = _as_int64(keys).to(device), _as_int64(counters).to(device)
     greedy = ops.sample_from_logits(logits, torch.zeros(5, device=device), kt, ct).tolist()
     assert greedy == [0, 20, 0, 5, 30], "all -inf gives 0; ties go to the lowest index"
+    assert ops.sample_from_logits(logits).tolist() == greedy, "no temperature: the same argmax"
     sampled = ops.sample_from_logits(logits, torch.full((5,), 0.7, device=device), kt, ct).tolist()
     assert sampled[0] == 0 and sampled[1] == 20 and sampled[4] == 30
     assert sampled[3] >= 5, "-inf logits never win"
@@ -284,6 +309,10 @@ def test_sample_from_logits_bad_input():
         (lambda: ops.sample_from_logits(x, t, k, k[:2]), ValueError, r"counters must be 1-D \[num_seqs=4\]"),
         (lambda: ops.sample_from_logits(x, t, k, k, out=k.float()), TypeError, "out has dtype float32"),
         (lambda: ops.sample_from_logits(x, t, k, k, out=k[:3]), ValueError, r"out must be 1-D"),
+        (lambda: ops.sample_from_logits(x, None, k, k), ValueError, "keys and counters go with temperature"),
+        (lambda: ops.sample_from_logits(x, None, None, k), ValueError, "go with temperature"),
+        (lambda: ops.sample_from_logits(x, t), ValueError, "temperature needs keys and counters"),
+        (lambda: ops.sample_from_logits(x, t, k), ValueError, "temperature needs keys and counters"),
         (lambda: ops.sample_from_logits(x.tolist(), t, k, k), TypeError, "logits must be a torch.Tensor"),
         (lambda: ops.exponential_noise(k, k, 0), ValueError, "vocab_size must be an int"),
         (lambda: ops.exponential_noise(k, k, 3.0), ValueError, "vocab_size must be an int"),
@@ -351,6 +380,27 @@ def test_sample_from_logits_split_rows_on_cuda(vocab, num_seqs, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("vocab", [QWEN_VOCAB, 128_256, 20011])
+@pytest.mark.parametrize("num_seqs", [1, 2, 5, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_greedy_rows_split_over_blocks_on_cuda(vocab, num_seqs, dtype):
+    """Without temperature, few long rows are split over many thread blocks: the argmax of each row,
+    with the maximum planted in different blocks' ranges and a tie across two of them."""
+    logits = _logits(num_seqs, vocab, seed=vocab + num_seqs, dtype=dtype, scale=3.0)
+    g = torch.Generator().manual_seed(num_seqs)
+    at = torch.randint(0, vocab, (num_seqs,), generator=g)
+    logits[torch.arange(num_seqs), at] = 40.0
+    logits[0, [vocab // 3, vocab - 1]] = 50.0  # a tie in two far-apart splits: the lower index wins
+    got = ops.sample_from_logits(logits.cuda()).cpu()
+    want = _argmax_ref(logits)
+    assert want[0].item() == vocab // 3
+    assert torch.equal(got, want)
+    assert torch.equal(got, ops.sample_from_logits(logits)), "the CPU twin agrees"
+    unaligned = torch.cat([logits[:, :1], logits], dim=1).cuda()[:, 1:]  # the scalar path
+    assert torch.equal(ops.sample_from_logits(unaligned).cpu(), want)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("num_seqs", [2, 32, 300])
 def test_sample_from_logits_peaked_rows_on_cuda(num_seqs):
     """Rows with a few dominant tokens (the kernel then skips the noise of almost every other token),
@@ -390,10 +440,12 @@ def test_sample_from_logits_in_a_cuda_graph_without_host_syncs():
     keys, counters = _rows(num_seqs, seed=13)
     kt, ct = _as_int64(keys).cuda(), _as_int64(counters).cuda()
     out = torch.empty(num_seqs, dtype=torch.int64, device="cuda")
+    out_greedy = torch.empty_like(out)  # and every row greedy (no temperature)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         ops.sample_from_logits(logits, temps, kt, ct, out=out)
+        ops.sample_from_logits(logits, out=out_greedy)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -401,6 +453,7 @@ def test_sample_from_logits_in_a_cuda_graph_without_host_syncs():
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             ops.sample_from_logits(logits, temps, kt, ct, out=out)
+            ops.sample_from_logits(logits, out=out_greedy)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for seed in (14, 15):
@@ -410,3 +463,4 @@ def test_sample_from_logits_in_a_cuda_graph_without_host_syncs():
         torch.cuda.synchronize()
         want = ops.sample_from_logits(logits, temps, kt, ct)
         assert torch.equal(out, want)
+        assert torch.equal(out_greedy.cpu(), _argmax_ref(logits))

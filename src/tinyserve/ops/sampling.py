@@ -54,9 +54,9 @@ def _check_noise_rows(keys: object, counters: object) -> tuple[int, torch.device
 
 def sample_from_logits(
     logits: torch.Tensor,
-    temperature: torch.Tensor,
-    keys: torch.Tensor,
-    counters: torch.Tensor,
+    temperature: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token per row, in one pass over the logits.
@@ -67,11 +67,15 @@ def sample_from_logits(
     same order, no division); ties go to the lowest index; -inf logits never win, and a row that is
     all -inf gives 0. NaN logits give an unspecified (valid) index.
 
+    Without temperature (and then without keys and counters) every row is greedy: a row-wise argmax
+    that, unlike `torch.argmax`, spreads a few long rows over many thread blocks on CUDA.
+
     Args:
         logits: [num_seqs, vocab_size] float32, float16 or bfloat16, CPU or CUDA; any row stride with a
             unit last stride (e.g. rows of a larger buffer). Not modified.
-        temperature: [num_seqs] float32 on the logits' device; any stride.
+        temperature: [num_seqs] float32 on the logits' device; any stride. None: every row greedy.
         keys, counters: [num_seqs] int64 on the logits' device (the bits of uint64 values); any stride.
+            Given exactly when temperature is.
         out: optional [num_seqs] int64 on the logits' device; any stride.
 
     Returns:
@@ -87,9 +91,16 @@ def sample_from_logits(
     if vocab_size < 1 or vocab_size >= 2**31 - 64:
         raise ValueError(f"vocab_size must be in [1, 2**31 - 64), got {vocab_size}")
     device = logits.device
-    _check_row_param("temperature", temperature, num_seqs, torch.float32, device)
-    _check_row_param("keys", keys, num_seqs, torch.int64, device)
-    _check_row_param("counters", counters, num_seqs, torch.int64, device)
+    noise = (keys, counters)
+    if temperature is None:
+        if noise != (None, None):
+            raise ValueError("keys and counters go with temperature: without temperature every row is greedy")
+    else:
+        if None in noise:
+            raise ValueError("temperature needs keys and counters (the rows' noise)")
+        _check_row_param("temperature", temperature, num_seqs, torch.float32, device)
+        _check_row_param("keys", keys, num_seqs, torch.int64, device)
+        _check_row_param("counters", counters, num_seqs, torch.int64, device)
     if out is None:
         out = torch.empty(num_seqs, dtype=torch.int64, device=device)
     else:
@@ -103,9 +114,9 @@ def sample_from_logits(
             workspace = torch.empty(num_seqs * per_row, dtype=torch.int64, device=device)
     _C.sample_from_logits(
         view(logits),
-        view(temperature),
-        view(keys),
-        view(counters),
+        None if temperature is None else view(temperature),
+        None if keys is None else view(keys),
+        None if counters is None else view(counters),
         view(out),
         None if workspace is None else view(workspace),
         stream_of(logits),

@@ -150,6 +150,14 @@ def draw(
     return kernels.sample_from_logits(logits, temperature, keys, counters)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of every row (ties to the lowest index), by the sampler's kernel without noise.
+
+    logits: [num_seqs, vocab_size] float32/bf16/fp16, not modified. Returns [num_seqs] int64 token ids.
+    """
+    return kernels.sample_from_logits(logits)
+
+
 def draw_sorted(
     sorted_logits: torch.Tensor, sorted_ids: torch.Tensor, keys: torch.Tensor, counters: torch.Tensor
 ) -> torch.Tensor:

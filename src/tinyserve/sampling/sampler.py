@@ -53,7 +53,7 @@ class Sampler:
                 logits.index_put_((md.min_tokens_rows, md.min_tokens_ids), _neg_inf(logits))
 
         if md.all_greedy:
-            sampled = logits.argmax(dim=-1)  # the caller's tensor itself when nothing changed it
+            sampled = ops.greedy(logits)  # the caller's tensor itself when nothing changed it
         elif md.top_p is not None:
             sampled = self._sample_sorted(logits, md, self._sort_key(model_logits, logits))
         else:
@@ -108,7 +108,7 @@ class Sampler:
         """Some row uses top-p: one sort serves top-k, top-p and min-p, and the draw happens in sorted
         order too. Greedy rows (in a mixed batch) take the argmax of the penalised logits."""
         assert md.temperature is not None and md.noise_keys is not None and md.noise_counters is not None
-        greedy_ids = None if md.all_random else logits.argmax(dim=-1)  # [num_seqs]
+        greedy_ids = None if md.all_random else ops.greedy(logits)  # [num_seqs]
         divisor = md.temperature if md.is_greedy is None else md.temperature.masked_fill(md.is_greedy, 1.0)
         sorted_logits, sorted_ids = ops.sorted_masked_logits(
             logits, sort_key, divisor, md.top_k, md.top_p, md.min_p
