@@ -13,6 +13,10 @@ token may win, so every token pays for its Philox noise) and "peaked" (the same 
 tokens, as a confident language model gives: the kernel skips the noise of tokens that cannot win).
 "host" is the wall time of SamplingMetadata.build + the Sampler call without waiting for the device.
 With --device cpu the sizes default to small ones and the times are wall times.
+
+A second table times greedy rows (temperature 0): the Sampler, which takes the same kernel without
+noise (a row split over many thread blocks when rows are few), against `torch.argmax`, at the
+vocabularies of Qwen3 (151,936) and Llama 3 (128,256).
 """
 
 from __future__ import annotations
@@ -86,6 +90,27 @@ def time_case(kind: str, num_seqs: int, args: argparse.Namespace, l2_bytes: int)
     return times
 
 
+def time_greedy(num_seqs: int, vocab: int, args: argparse.Namespace, l2_bytes: int) -> dict[str, float]:
+    """Seconds per greedy step: the Sampler (ops.sample_from_logits without noise) and torch.argmax."""
+    device = args.device
+    params = [SamplingParams(temperature=0.0)] * num_seqs
+    states = [RequestSamplingState() for _ in range(num_seqs)]
+    md = SamplingMetadata.build(params, states, vocab_size=vocab, device=device)
+    assert md.all_greedy
+    sampler = Sampler()
+    step_bytes = num_seqs * vocab * DTYPE.itemsize
+    num_copies = min(64, max(1, -(-2 * l2_bytes // step_bytes)))
+    copies = [make_logits("flat", num_seqs, vocab, device, seed) for seed in range(num_copies)]
+    new = [lambda x=x: sampler(x, md).sampled_token_ids for x in copies]
+    old = [lambda x=x: x.argmax(dim=-1) for x in copies]
+    for i in range(min(2, num_copies)):
+        assert torch.equal(new[i](), old[i]()), "the same argmax"
+    if device == "cuda":
+        repeats = max(1, -(-args.calls // num_copies))
+        return {"new": time_graph(new * repeats), "old": time_graph(old * repeats)}
+    return {"new": time_cpu(new[0]), "old": time_cpu(old[0])}
+
+
 def run_cases(args: argparse.Namespace, l2_bytes: int) -> dict[tuple[str, int], dict[str, float]]:
     results = {}
     for kind in args.kinds:
@@ -145,6 +170,18 @@ def main() -> None:
                 f"{t['agree']:.0%}",
             )
         )
+    print_table(head, rows)
+
+    print(f"\nGreedy rows (temperature 0), bf16 logits; device: {device_name()}.")
+    head = ("vocab", "rows", "Sampler (kernel)", "torch.argmax", "speed-up")
+    rows = []
+    for vocab in (151_936, 128_256) if cuda else (args.vocab,):
+        for num_seqs in args.rows:
+            t = time_greedy(num_seqs, vocab, args, l2_bytes)
+            speedup = f"{t['old'] / t['new']:.1f}x"
+            rows.append((str(vocab), str(num_seqs), fmt_time(t["new"]), fmt_time(t["old"]), speedup))
+            if cuda:
+                torch.cuda.empty_cache()
     print_table(head, rows)
 
 
