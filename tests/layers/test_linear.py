@@ -95,3 +95,26 @@ def test_tune_linear_layers_on_cuda() -> None:
                 )
                 torch.testing.assert_close(layer(x).float(), ref, rtol=2e-2, atol=2e-3)
     assert ops.SKINNY_MAX_ROWS == 16
+
+
+@pytest.mark.cuda
+def test_time_graphs_times_each_graph_by_its_own_work() -> None:
+    """time_graphs captures one graph per key and times their replays in interleaved rounds: each
+    key's median is its own graph's work (8x the products measure longer than one), and each graph
+    replays what its function did at capture time."""
+    from tinyserve.runner.linear_tuning import time_graph, time_graphs
+
+    a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+    outs = {n: torch.zeros(2048, 2048, device="cuda", dtype=torch.bfloat16) for n in (1, 8)}
+
+    def work(n: int) -> None:
+        for _ in range(n):
+            torch.mm(a, a, out=outs[n])
+
+    times = time_graphs({n: lambda n=n: work(n) for n in (1, 8)}, rounds=3, repeats=2)
+    assert set(times) == {1, 8}
+    assert 0 < times[1] < times[8], times
+    assert times[8] > 4 * times[1], times
+    single = time_graph(lambda: work(8), repeats=3)
+    assert 0.5 * times[8] < single < 2 * times[8], (single, times)
+    torch.testing.assert_close(outs[8].float(), (a.float() @ a.float()), rtol=2e-2, atol=0.5)

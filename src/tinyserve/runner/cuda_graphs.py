@@ -13,8 +13,9 @@ close to what an eager step would pick, at the price of capturing each batch siz
 Fused decoder layers: at a few tokens a step, each decoder layer can run as four skinny products
 carrying its norms, SiLU and residual adds (LlamaDecoderLayer.forward_fused) instead of cuBLAS
 products between small kernels. Which is faster depends on the card and the shapes, so before the
-capture both forms of each small batch size are captured once and timed, and the fused form is kept
-where it is clearly faster (TINYSERVE_FUSED_LAYERS=0 never fuses, =1 always fuses where supported).
+capture both forms of each small batch size are captured once and timed (their replays interleaved),
+and the fused form is kept where it is faster by more than FUSED_MARGIN (TINYSERVE_FUSED_LAYERS=0
+never fuses, =1 always fuses where supported).
 Likewise two ops that stream the weights on CUDA cores at one or two tokens can replace parts of
 either form: o_proj, the post-attention norm and the MLP as one kernel (LlamaMLP.fused,
 ops.fused_mlp; TINYSERVE_FUSED_MLP), and the input norm with the qkv product (LlamaAttention.fused_qkv,
@@ -25,6 +26,7 @@ combination is measured and the fastest kept.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import logging
 import os
@@ -38,11 +40,13 @@ from tinyserve.layers.attention import AttentionMetadata
 from tinyserve.models.llama import LlamaForCausalLM
 
 from .input_batch import InputBatch
-from .linear_tuning import time_graph
+from .linear_tuning import time_graphs
 
 logger = logging.getLogger(__name__)
 
-FUSED_MARGIN = 0.03  # a fused form must be this much faster than the plain layers to be kept
+# A fused form must be this much faster than the plain layers to be kept: the forms' replays are
+# timed interleaved (linear_tuning.time_graphs), so a drifting clock does not favour one of them.
+FUSED_MARGIN = 0.01
 
 
 class LayerForm(NamedTuple):
@@ -237,10 +241,8 @@ class DecodeGraphs:
             if len(forms) == 1:
                 chosen[bs] = forms[0]
                 continue
-            times = {}
-            for form in forms:
-                self._set_forms({bs: form})
-                times[form] = time_graph(lambda bs=bs: self._forward(bs, self.len_bounds[0]), repeats=9)
+            steps = {form: functools.partial(self._forward_as, bs, form) for form in forms}
+            times = time_graphs(steps, rounds=3, repeats=3)
             choice = FusedChoice(bs, times)
             self.fused_choices.append(choice)
             chosen[bs] = choice.form
@@ -250,6 +252,12 @@ class DecodeGraphs:
                 "decoder layer forms: %s",
                 ", ".join(f"{bs} seqs: {form.name}" for bs, form in chosen.items() if form != PLAIN),
             )
+
+    def _forward_as(self, bs: int, form: LayerForm) -> None:
+        """A decode forward of `bs` rows in `form`, for timing the forms (the form is host state,
+        read while the forward is captured)."""
+        self._set_forms({bs: form})
+        self._forward(bs, self.len_bounds[0])
 
     def _set_forms(self, forms: dict[int, LayerForm]) -> None:
         """Point the model's row sets at these forms (batch sizes not given run the plain layers)."""

@@ -79,19 +79,36 @@ def capture_graph(fn: Callable[[], R]) -> tuple[torch.cuda.CUDAGraph, R]:
 def time_graph(fn, repeats: int = REPEATS, warmup: int = 1) -> float:
     """Median seconds of one replay of `fn` captured in a CUDA graph (on the current device), after
     `warmup` untimed replays. fn runs once outside the capture first (lazy set-up, allocator)."""
-    graph, _ = capture_graph(fn)
-    for _ in range(warmup):
-        graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del graph
-    return sorted(times)[len(times) // 2]
+    return time_graphs({0: fn}, rounds=1, repeats=repeats, warmup=warmup)[0]
+
+
+K = TypeVar("K")
+
+
+def time_graphs(
+    fns: dict[K, Callable[[], object]], rounds: int, repeats: int, warmup: int = 1
+) -> dict[K, float]:
+    """Median seconds of one replay of each fn, each captured in its own CUDA graph (fn runs once
+    outside the capture first). After `warmup` untimed replays of each, the timed replays come in
+    `rounds` rounds of `repeats` per graph, every round visiting the graphs in turn: a drift of the
+    card's clocks or temperature during the measurement then reaches all of them alike, rather than
+    the ones measured last."""
+    graphs = {key: capture_graph(fn)[0] for key, fn in fns.items()}
+    for graph in graphs.values():
+        for _ in range(warmup):
+            graph.replay()
+    times: dict[K, list[float]] = {key: [] for key in graphs}
+    for _ in range(rounds):
+        for key, graph in graphs.items():
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                times[key].append(start.elapsed_time(end) / 1e3)
+    del graphs
+    return {key: sorted(t)[len(t) // 2] for key, t in times.items()}
 
 
 @torch.inference_mode()
