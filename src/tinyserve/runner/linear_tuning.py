@@ -28,6 +28,7 @@ from tinyserve import ops
 from tinyserve.layers.linear import Linear
 
 R = TypeVar("R")
+K = TypeVar("K")
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +81,6 @@ def time_graph(fn, repeats: int = REPEATS, warmup: int = 1) -> float:
     """Median seconds of one replay of `fn` captured in a CUDA graph (on the current device), after
     `warmup` untimed replays. fn runs once outside the capture first (lazy set-up, allocator)."""
     return time_graphs({0: fn}, rounds=1, repeats=repeats, warmup=warmup)[0]
-
-
-K = TypeVar("K")
 
 
 def time_graphs(
