@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) fused_mlp_kernel(const
     os.prime(lane, obuf);  // weights: before the wait
     pdl_wait();
     pdl_launch_dependents();
-    stage_rows<T>(s_x, static_cast<const T*>(p.attn), p.m, p.q);
+    stage_rows<T, kM>(s_x, static_cast<const T*>(p.attn), p.m, p.q);
     __syncthreads();
     T* o_out = static_cast<T*>(p.o_out);
     run_stream<kDownDepth, kM>(os, obuf, lane, s_x, p.m, [&](int64_t j, const float (&acc)[1][kM]) {
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) fused_mlp_kernel(const
   grid_barrier(p.barrier + 2);
 
   // 4. a into shared memory (over x, which nothing reads any more), then the down rows.
-  stage_rows<T>(s_x, act, p.m, p.inter);
+  stage_rows<T, kM>(s_x, act, p.m, p.inter);
   __syncthreads();
   T* residual = static_cast<T*>(p.residual);
   T* out = static_cast<T*>(p.out);

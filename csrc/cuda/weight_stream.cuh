@@ -88,55 +88,71 @@ __device__ __forceinline__ void grid_barrier(unsigned* counters) {
 
 // A stream of weight rows for one warp: items it = first, first + stride, ... < count; item it is
 // rows it + r * row_gap (r < kRows) of W [*, len]. A batch is kBatch chunks of 256 k of each row.
+// A Cursor walks the batches in order (k along the item's rows, then the next item) by adds alone:
+// the index arithmetic runs once per batch in every lane, beside a few loads and FMAs, so divisions
+// there cost stream bandwidth.
 template <typename T, int kRows>
 struct RowStream {
   const T* w;
-  int64_t len, row_gap;
-  int64_t first, stride;
-  int batches_per_item, num_batches;
+  int64_t len, gap;  // gap: elements between the rows of an item (row_gap * len)
+  int64_t first, stride, count;
 
-  __device__ RowStream(const void* weight, int64_t len_, int64_t row_gap_, int64_t first_, int64_t stride_,
-                       int64_t count)
-      : w(static_cast<const T*>(weight)), len(len_), row_gap(row_gap_), first(first_), stride(stride_) {
-    batches_per_item = static_cast<int>((len + kChunk * kBatch - 1) / (kChunk * kBatch));
-    const int64_t items = first < count ? (count - first + stride - 1) / stride : 0;
-    num_batches = static_cast<int>(items) * batches_per_item;
+  struct Cursor {
+    int64_t item, k;  // the batch's item and its first k
+    const T* row;     // w + item * len
+  };
+
+  __device__ RowStream(const void* weight, int64_t len_, int64_t row_gap, int64_t first_, int64_t stride_,
+                       int64_t count_)
+      : w(static_cast<const T*>(weight)), len(len_), gap(row_gap * len_), first(first_), stride(stride_),
+        count(count_) {}
+
+  __device__ Cursor start() const { return Cursor{first, 0, w + first * len}; }
+  __device__ bool valid(const Cursor& c) const { return c.item < count; }
+  // Whether c is its item's last batch.
+  __device__ bool last(const Cursor& c) const { return c.k + kChunk * kBatch >= len; }
+  __device__ void advance(Cursor& c) const {
+    c.k += kChunk * kBatch;
+    if (c.k >= len) {
+      c.k = 0;
+      c.item += stride;
+      c.row += stride * len;
+    }
   }
 
-  __device__ int64_t item(int b) const { return first + static_cast<int64_t>(b / batches_per_item) * stride; }
-  __device__ int64_t k0(int b) const { return static_cast<int64_t>(b % batches_per_item) * kChunk * kBatch; }
-
-  // Loads of batch b (nothing for b >= num_batches) into v.
-  __device__ void load(int b, int lane, uint4 (&v)[kRows][kBatch]) const {
-    const bool ok = b < num_batches;
-    const int64_t it = ok ? item(b) : 0, base = ok ? k0(b) : 0;
+  // Loads of the batch at c (nothing past the last item) into v.
+  __device__ void load(const Cursor& c, int lane, uint4 (&v)[kRows][kBatch]) const {
+    const bool ok = valid(c);
 #pragma unroll
-    for (int c = 0; c < kBatch; ++c) {
-      const int64_t k = base + c * kChunk + 8 * lane;
+    for (int ch = 0; ch < kBatch; ++ch) {
+      const int64_t k = c.k + ch * kChunk + 8 * lane;
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) v[r][c] = load16<true>(w + (it + r * row_gap) * len + k, ok && k < len);
+      for (int r = 0; r < kRows; ++r) v[r][ch] = load16<true>(c.row + r * gap + k, ok && k < len);
     }
   }
 
   // The loads of the first kDepth batches, for run_stream's ring (issued early: in flight meanwhile).
   template <int kDepth>
   __device__ void prime(int lane, uint4 (&buf)[kDepth][kRows][kBatch]) const {
+    Cursor c = start();
 #pragma unroll
-    for (int d = 0; d < kDepth; ++d) load(d, lane, buf[d]);
+    for (int d = 0; d < kDepth; ++d) {
+      load(c, lane, buf[d]);
+      advance(c);
+    }
   }
 
-  // acc[r][t] += row r of batch b . x[t] (x: [m][len] floats in shared memory).
+  // acc[r][t] += row r of the batch at k0 . x[t] (x: [m][len] floats in shared memory).
   template <int kM>
-  __device__ void multiply(int b, int lane, const uint4 (&v)[kRows][kBatch], const float* x, int m,
+  __device__ void multiply(int64_t k0, int lane, const uint4 (&v)[kRows][kBatch], const float* x, int m,
                            float (&acc)[kRows][kM]) const {
-    const int64_t base = k0(b);
 #pragma unroll
-    for (int c = 0; c < kBatch; ++c) {
-      const int64_t k = base + c * kChunk + 8 * lane;
+    for (int ch = 0; ch < kBatch; ++ch) {
+      const int64_t k = k0 + ch * kChunk + 8 * lane;
       if (k >= len) break;
       float wf[kRows][8];
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) unpack8<T>(v[r][c], wf[r]);
+      for (int r = 0; r < kRows; ++r) unpack8<T>(v[r][ch], wf[r]);
 #pragma unroll
       for (int t = 0; t < kM; ++t) {
         if (t >= m) break;
@@ -172,35 +188,60 @@ template <int kDepth, int kM, typename Stream, int kRows, typename Finish>
 __device__ __forceinline__ void run_stream(const Stream& S, uint4 (&buf)[kDepth][kRows][kBatch], int lane,
                                            const float* x, int m, Finish finish) {
   float acc[kRows][kM] = {};
-  for (int b0 = 0; b0 < S.num_batches; b0 += kDepth) {
+  auto use = S.start(), next = S.start();
+#pragma unroll
+  for (int d = 0; d < kDepth; ++d) S.advance(next);
+  while (S.valid(use)) {
 #pragma unroll
     for (int d = 0; d < kDepth; ++d) {
-      const int b = b0 + d;
-      if (b >= S.num_batches) break;  // the same for the whole warp
-      S.template multiply<kM>(b, lane, buf[d], x, m, acc);
-      S.load(b + kDepth, lane, buf[d]);
-      if ((b + 1) % S.batches_per_item == 0) {
+      if (!S.valid(use)) break;  // the same for the whole warp
+      S.template multiply<kM>(use.k, lane, buf[d], x, m, acc);
+      S.load(next, lane, buf[d]);
+      S.advance(next);
+      if (S.last(use)) {
         warp_sum<kRows, kM>(acc);
-        finish(S.item(b), acc);
+        finish(use.item, acc);
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
 #pragma unroll
           for (int t = 0; t < kM; ++t) acc[r][t] = 0.f;
         }
       }
+      S.advance(use);
     }
   }
 }
 
-// Rows [m][len] of T an earlier kernel wrote, into shared memory as floats.
-template <typename T>
+// Staging loops load a group of 16-byte vectors per thread before using any: the loads of one
+// thread are then in flight together, where a loop that stores each vector before the next load
+// waits out one L2 round trip per vector (a down product's 14,336-wide row is seven of them). The
+// group is what the registers allow beside the primed weight loads, which are live meanwhile: at
+// one row 4 vectors (2 in the norm, which loads two a vector); at two rows the sums take the room.
+template <int kM>
+constexpr int kStageGroup = kM == 1 ? 4 : 1;
+template <int kM>
+constexpr int kNormGroup = kM == 1 ? 2 : 1;
+
+// Rows [m][len] of T an earlier kernel wrote, into shared memory as floats (m <= kM).
+template <typename T, int kM>
 __device__ __forceinline__ void stage_rows(float* s, const T* src, int m, int64_t len) {
-  const int vecs = static_cast<int>(len / 8);
-  for (int idx = threadIdx.x; idx < m * vecs; idx += kThreads) {
-    const int64_t at = 8 * static_cast<int64_t>(idx);
-    float v[8];
-    unpack8<T>(load_coherent(src + at), v);
-    store8(s + at, v);
+  constexpr int kGroup = kStageGroup<kM>;
+  const int total = m * static_cast<int>(len / 8);
+  for (int base = threadIdx.x; base < total; base += kGroup * kThreads) {
+    uint4 v[kGroup];
+#pragma unroll
+    for (int u = 0; u < kGroup; ++u) {
+      const int idx = base + u * kThreads;
+      if (idx < total) v[u] = load_coherent(src + 8 * static_cast<int64_t>(idx));
+    }
+#pragma unroll
+    for (int u = 0; u < kGroup; ++u) {
+      const int idx = base + u * kThreads;
+      if (idx >= total) break;
+      float f[8];
+      unpack8<T>(v[u], f);
+      store8(s + 8 * static_cast<int64_t>(idx), f);
+    }
   }
 }
 
@@ -215,28 +256,43 @@ __device__ __forceinline__ void stage_normalised(float* s_x, const T* base, cons
   float(&s_inv)[kM] = scratch.inv;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int vecs = static_cast<int>(h / 8);  // per row
+  const int total = m * vecs;
   const bool store_r = r_out != nullptr && blockIdx.x == 0;
   float ss[kM] = {};
-  for (int idx = threadIdx.x; idx < m * vecs; idx += kThreads) {
-    const int t = idx / vecs;
-    const int64_t at = static_cast<int64_t>(t) * h + 8 * (idx - t * vecs);
-    float r[8];
-    unpack8<T>(load_coherent(base + at), r);
-    if (add != nullptr) {
-      float a[8];
-      unpack8<T>(load_coherent(add + at), a);
+  for (int first = threadIdx.x; first < total; first += kNormGroup<kM> * kThreads) {
+    uint4 vb[kNormGroup<kM>], va[kNormGroup<kM>];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) r[j] = round_to<T>(r[j] + a[j]);
-      if (store_r) *reinterpret_cast<uint4*>(r_out + at) = pack8<T>(r);
+    for (int u = 0; u < kNormGroup<kM>; ++u) {
+      const int idx = first + u * kThreads;
+      if (idx < total) {
+        vb[u] = load_coherent(base + 8 * static_cast<int64_t>(idx));
+        if (add != nullptr) va[u] = load_coherent(add + 8 * static_cast<int64_t>(idx));
+      }
     }
-    float sq = 0.f;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) sq += r[j] * r[j];
+    for (int u = 0; u < kNormGroup<kM>; ++u) {
+      const int idx = first + u * kThreads;
+      if (idx >= total) break;
+      const int t = idx / vecs;
+      const int64_t at = 8 * static_cast<int64_t>(idx);  // = t * h + 8 * (idx - t * vecs)
+      float r[8];
+      unpack8<T>(vb[u], r);
+      if (add != nullptr) {
+        float a[8];
+        unpack8<T>(va[u], a);
 #pragma unroll
-    for (int tt = 0; tt < kM; ++tt) {
-      if (tt == t) ss[tt] += sq;
+        for (int j = 0; j < 8; ++j) r[j] = round_to<T>(r[j] + a[j]);
+        if (store_r) *reinterpret_cast<uint4*>(r_out + at) = pack8<T>(r);
+      }
+      float sq = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sq += r[j] * r[j];
+#pragma unroll
+      for (int tt = 0; tt < kM; ++tt) {
+        if (tt == t) ss[tt] += sq;
+      }
+      store8(s_x + at, r);
     }
-    store8(s_x + at, r);
   }
 #pragma unroll
   for (int t = 0; t < kM; ++t) {
@@ -246,23 +302,32 @@ __device__ __forceinline__ void stage_normalised(float* s_x, const T* base, cons
   }
   __syncthreads();
   if (threadIdx.x < m) {
-    float total = 0.f;
+    float total_ss = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) total += s_red[w][threadIdx.x];
-    s_inv[threadIdx.x] = rsqrtf(total / static_cast<float>(h) + eps);
+    for (int w = 0; w < kWarps; ++w) total_ss += s_red[w][threadIdx.x];
+    s_inv[threadIdx.x] = rsqrtf(total_ss / static_cast<float>(h) + eps);
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < m * vecs; idx += kThreads) {
-    const int t = idx / vecs;
-    const int64_t k = 8 * static_cast<int64_t>(idx - t * vecs);
-    float* at = s_x + static_cast<int64_t>(t) * h + k;
-    float r[8], g[8];
-    load8(at, r);
-    unpack8<T>(load16<false>(gamma + k, true), g);
-    const float inv = s_inv[t];
+  for (int first = threadIdx.x; first < total; first += kNormGroup<kM> * kThreads) {
+    uint4 vg[kNormGroup<kM>];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) r[j] = round_to<T>(__fmul_rn(g[j], round_to<T>(r[j] * inv)));
-    store8(at, r);
+    for (int u = 0; u < kNormGroup<kM>; ++u) {
+      const int idx = first + u * kThreads;
+      if (idx < total) vg[u] = load16<false>(gamma + 8 * static_cast<int64_t>(idx % vecs), true);
+    }
+#pragma unroll
+    for (int u = 0; u < kNormGroup<kM>; ++u) {
+      const int idx = first + u * kThreads;
+      if (idx >= total) break;
+      float* at = s_x + 8 * static_cast<int64_t>(idx);
+      float r[8], g[8];
+      load8(at, r);
+      unpack8<T>(vg[u], g);
+      const float inv = s_inv[idx / vecs];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) r[j] = round_to<T>(__fmul_rn(g[j], round_to<T>(r[j] * inv)));
+      store8(at, r);
+    }
   }
   __syncthreads();
 }
