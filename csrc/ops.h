@@ -80,11 +80,11 @@ bool programmatic_launch_enabled(int device);
 // out may be hidden itself; otherwise it overlaps no input.
 // CUDA: one kernel with a grid-wide barrier between the products (every block must be resident at
 // once: the launch is sized so). Its products run on CUDA cores, which suits one or two rows.
-// `workspace` (uint8, at least fused_mlp_workspace_bytes) holds the barriers' counters, zero before
-// a launch and left zero after it, and the [m, I] buffer of a and [m, H] of o's output. The CPU
-// twin ignores it.
+// `workspace` (uint8, at least fused_mlp_workspace_bytes) holds the barriers' words (zeroed when the
+// workspace is made; every launch leaves their low 31 bits zero, see weight_stream.cuh's
+// grid_barrier), and the [m, I] buffer of a and [m, H] of o's output. The CPU twin ignores it.
 constexpr int64_t kFusedMlpMaxRows = 2;
-constexpr int64_t kFusedMlpWorkspaceHeader = 256;  // bytes of barrier counters before the buffers
+constexpr int64_t kFusedMlpWorkspaceHeader = 256;  // bytes of barrier words before the buffers
 
 struct FusedMlpArgs {
   TensorView hidden;    // data == nullptr: none

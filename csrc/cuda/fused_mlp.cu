@@ -25,7 +25,7 @@
 // tensor cores take those sizes).
 //
 // The residual stream is written only after the last barrier, once every block has read it; the
-// barriers' counters are left zero for the next launch. A launch depends only on shapes and the
+// barriers' words are left ready for the next launch. A launch depends only on shapes and the
 // device, so it can be captured in a CUDA graph.
 #include <algorithm>
 #include <cstdint>
@@ -60,7 +60,7 @@ struct MlpParams {
   void* out;
   void* act;          // [m, I] workspace buffer
   void* o_out;        // [m, H] workspace buffer (with o_weight)
-  unsigned* barrier;  // [4]: arrivals and departures of the o barrier and of the down barrier
+  unsigned* barrier;  // [4]: the o barrier's word at [0], the down barrier's at [2]
   int64_t h, inter, q;
   float eps;
   int m;

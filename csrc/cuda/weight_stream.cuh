@@ -69,18 +69,19 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
 }
 
 // Every block of the grid waits here until all have arrived; the global writes each thread made
-// before it are visible to every block after it. counters[0..1] (arrivals, departures) are zero
-// before and left zero after: the last block out resets them. One pair per barrier of a launch.
-__device__ __forceinline__ void grid_barrier(unsigned* counters) {
+// before it are visible to every block after it. One word per barrier of a launch, whose low 31 bits
+// are zero before (a zeroed workspace) and stay so: block 0 adds 2^31 - (gridDim.x - 1) and every
+// other block 1, so the word's top bit flips exactly when the last block arrives, and each block
+// waits for the flip of the value its own add returned. The word thus needs no reset, and a barrier
+// costs one atomic round trip and the wait for the flip (the cooperative-groups grid sync's scheme).
+// benchmarks/grid_barrier.cu measures it against a kernel boundary.
+__device__ __forceinline__ void grid_barrier(unsigned* word) {
   __threadfence();  // this thread's writes, before the block's arrival
   __syncthreads();
   if (threadIdx.x == 0) {
-    atomicAdd(&counters[0], 1u);
-    while (load_acquire(&counters[0]) < gridDim.x) {
-    }
-    if (atomicAdd(&counters[1], 1u) == gridDim.x - 1) {
-      atomicExch(&counters[0], 0u);
-      atomicExch(&counters[1], 0u);
+    const unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
+    const unsigned before = atomicAdd(word, add);
+    while (((before ^ load_acquire(word)) & 0x80000000u) == 0) {
     }
   }
   __syncthreads();

@@ -284,8 +284,9 @@ def fused_mlp_workspace_bytes(rows: int, hidden: int, intermediate: int, dtype: 
 def fused_mlp_workspace(
     rows: int, hidden: int, intermediate: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """A workspace for `fused_mlp` of up to `rows` rows: uint8, zeroed (its barrier counters must
-    start at zero; the kernel leaves them so). Allocate it once, outside CUDA-graph capture."""
+    """A workspace for `fused_mlp` of up to `rows` rows: uint8, zeroed (its grid barriers' words must
+    start at zero; every launch leaves them ready for the next). Allocate it once, outside CUDA-graph
+    capture."""
     size = fused_mlp_workspace_bytes(rows, hidden, intermediate, dtype)
     return torch.zeros(size, dtype=torch.uint8, device=device)
 
