@@ -165,6 +165,10 @@ struct PagedAttentionArgs {
   int64_t max_query_len = 0;
   // CUDA only: float32 scratch for split-KV partial results; data == nullptr: no split.
   TensorView workspace;
+  // CUDA only: the kernel that runs right before this op on the stream does not write seq_lens,
+  // block_tables or query_start_loc, so the kernel may read them before waiting for it
+  // (programmatic dependent launch): their dependent loads then overlap that kernel.
+  bool metadata_early = false;
 };
 
 namespace cpu {

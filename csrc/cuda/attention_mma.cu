@@ -93,14 +93,37 @@ __global__ void __launch_bounds__(kThreads) mma_attention_kernel(const Params p)
   __trap();  // the dispatcher only picks this kernel on sm_80+
 #else
   using C = Cfg<D, DECODE, MT, STAGES>;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int ld_row = tid / C::kChunks, ld_ch = tid % C::kChunks;  // this thread's K/V copy (below)
+  const int block_mask = (1 << p.block_size_log2) - 1;
+  // The work tile and the first tile's physical blocks: the lengths and block tables. With
+  // p.metadata_early they are read before waiting on the kernel before this one (the caller
+  // guarantees that kernel does not write them), so their dependent loads overlap it.
+  Work w;
+  int blocks[C::kRowsPerThread];  // physical blocks of the tile issued next
+  auto fetch_blocks = [&](int (&dst)[C::kRowsPerThread], int k0) {
+    const int32_t* table = p.block_tables + static_cast<int64_t>(w.seq) * p.bt_stride;
+#pragma unroll
+    for (int i = 0; i < C::kRowsPerThread; ++i) {
+      const int pos = k0 + ld_row + i * C::kLoadRows;
+      dst[i] = pos < w.kv_end ? table[pos >> p.block_size_log2] : -1;
+    }
+  };
+  bool have = false;
+  if (p.metadata_early) {
+    have = map_work(p, C::kRows, w);
+    if (have) fetch_blocks(blocks, w.kv_begin);
+  }
   pdl_wait();
   pdl_launch_dependents();
-  Work w;
-  if (!map_work(p, C::kRows, w)) return;
+  if (!p.metadata_early) {
+    have = map_work(p, C::kRows, w);
+    if (have) fetch_blocks(blocks, w.kv_begin);
+  }
+  if (!have) return;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_q = reinterpret_cast<T*>(smem_raw);
   T* s_kv = s_q + C::kRows * C::kStride;  // [stage][K, V][kKeyTile][kStride]
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int kv_head = work_kv_head(p);
 
   // Query rows -> shared memory (rows past the work tile are zero-filled).
@@ -118,17 +141,6 @@ __global__ void __launch_bounds__(kThreads) mma_attention_kernel(const Params p)
   // K/V tile copies: thread copies chunk ld_ch of rows ld_row + i * kLoadRows. Physical block ids
   // are fetched into registers a tile before they are used, off the critical path. While a tile
   // is multiplied (and while waiting for it) the next STAGES - 1 tiles are in flight.
-  const int ld_row = tid / C::kChunks, ld_ch = tid % C::kChunks;
-  const int32_t* table = p.block_tables + static_cast<int64_t>(w.seq) * p.bt_stride;
-  const int block_mask = (1 << p.block_size_log2) - 1;
-  int blocks[C::kRowsPerThread];  // physical blocks of the tile issued next
-  auto fetch_blocks = [&](int (&dst)[C::kRowsPerThread], int k0) {
-#pragma unroll
-    for (int i = 0; i < C::kRowsPerThread; ++i) {
-      const int pos = k0 + ld_row + i * C::kLoadRows;
-      dst[i] = pos < w.kv_end ? table[pos >> p.block_size_log2] : -1;
-    }
-  };
   auto row_ptrs = [&](int block, int pos, const T*& k, const T*& v) {
     const int64_t b = block, slot = pos & block_mask;
     k = static_cast<const T*>(p.k_cache) + b * p.k_stride_block + slot * p.k_stride_slot +
@@ -186,7 +198,6 @@ __global__ void __launch_bounds__(kThreads) mma_attention_kernel(const Params p)
     }
     cp_async_commit();
   };
-  if (n_tiles > 0) fetch_blocks(blocks, w.kv_begin);
 #pragma unroll
   for (int s = 0; s + 1 < C::kStages; ++s) issue_next();
 

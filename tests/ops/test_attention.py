@@ -205,6 +205,17 @@ def test_decode_few_and_many_blocks_cuda(dtype, num_seqs):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_metadata_ready_changes_nothing(device, dtype):
+    """metadata_ready lets the CUDA kernel read lengths and block tables before its PDL wait: the
+    result is the same bits, with and without splits (and on the CPU the flag is ignored)."""
+    b = make_batch([700, 1, 3000, 65, 0], [1] * 5, 16, 8, 128, 16, dtype, device, seed=11)
+    for bound in (None, 4096):
+        want = run_decode(b, max_seq_len=bound)
+        assert torch.equal(run_decode(b, max_seq_len=bound, metadata_ready=True), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_decode_empty_context_gives_zeros(device):
     b = make_batch([0, 5], [1, 1], 4, 2, 64, 16, torch.float32, device, seed=3)
     out = run_decode(b, out=poisoned(b))

@@ -158,6 +158,8 @@ class Attention(nn.Module):
                 md.context_lens,
                 self.scale,
                 max_seq_len=md.max_seq_len,
+                # Right before: RoPE (or reshape_and_cache), which writes only q, k and the caches.
+                metadata_ready=True,
             )
         else:
             out = ops.paged_attention_prefill(

@@ -122,6 +122,7 @@ def paged_attention_decode(
     out: torch.Tensor | None = None,
     *,
     max_seq_len: int | None = None,
+    metadata_ready: bool = False,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its cached keys and values.
 
@@ -137,6 +138,10 @@ def paged_attention_decode(
         max_seq_len: optional host-side upper bound of `context_lens` (CUDA launch sizing only;
             default `max_blocks_per_seq * block_size`). A bound that is too small stays correct,
             only slower.
+        metadata_ready: the CUDA kernel that runs right before this op on the stream does not
+            write `context_lens` or `block_tables` (e.g. the layer's RoPE kernel), so the kernel may
+            read them before it waits for that one (programmatic dependent launch), overlapping
+            their latency with it. False (the default) is always safe. No effect on the CPU.
 
     Returns:
         out: [num_seqs, num_heads, head_dim], every element written.
@@ -175,6 +180,7 @@ def paged_attention_decode(
         float(scale),
         max_len,
         None if workspace is None else view(workspace),
+        bool(metadata_ready),
         stream_of(out),
     )
     return out
