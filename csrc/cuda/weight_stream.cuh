@@ -223,27 +223,36 @@ constexpr int kStageGroup = kM == 1 ? 4 : 1;
 template <int kM>
 constexpr int kNormGroup = kM == 1 ? 2 : 1;
 
+// For the block's vectors idx < total (idx = threadIdx.x, + kThreads, ...): load(idx, v), then
+// use(idx, v), kGroup vectors a thread at a time, all of a group's loads before any use.
+template <int kGroup, typename V, typename Load, typename Use>
+__device__ __forceinline__ void grouped(int total, Load load, Use use) {
+  for (int first = threadIdx.x; first < total; first += kGroup * kThreads) {
+    V v[kGroup];
+#pragma unroll
+    for (int u = 0; u < kGroup; ++u) {
+      const int idx = first + u * kThreads;
+      if (idx < total) load(idx, v[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kGroup; ++u) {
+      const int idx = first + u * kThreads;
+      if (idx >= total) break;
+      use(idx, v[u]);
+    }
+  }
+}
+
 // Rows [m][len] of T an earlier kernel wrote, into shared memory as floats (m <= kM).
 template <typename T, int kM>
 __device__ __forceinline__ void stage_rows(float* s, const T* src, int m, int64_t len) {
-  constexpr int kGroup = kStageGroup<kM>;
-  const int total = m * static_cast<int>(len / 8);
-  for (int base = threadIdx.x; base < total; base += kGroup * kThreads) {
-    uint4 v[kGroup];
-#pragma unroll
-    for (int u = 0; u < kGroup; ++u) {
-      const int idx = base + u * kThreads;
-      if (idx < total) v[u] = load_coherent(src + 8 * static_cast<int64_t>(idx));
-    }
-#pragma unroll
-    for (int u = 0; u < kGroup; ++u) {
-      const int idx = base + u * kThreads;
-      if (idx >= total) break;
-      float f[8];
-      unpack8<T>(v[u], f);
-      store8(s + 8 * static_cast<int64_t>(idx), f);
-    }
-  }
+  grouped<kStageGroup<kM>, uint4>(
+      m * static_cast<int>(len / 8), [&](int idx, uint4& v) { v = load_coherent(src + 8 * static_cast<int64_t>(idx)); },
+      [&](int idx, const uint4& v) {
+        float f[8];
+        unpack8<T>(v, f);
+        store8(s + 8 * static_cast<int64_t>(idx), f);
+      });
 }
 
 // The normalised input of a pre-norm block, formed by every block itself (a few KB from L2) into
@@ -260,41 +269,36 @@ __device__ __forceinline__ void stage_normalised(float* s_x, const T* base, cons
   const int total = m * vecs;
   const bool store_r = r_out != nullptr && blockIdx.x == 0;
   float ss[kM] = {};
-  for (int first = threadIdx.x; first < total; first += kNormGroup<kM> * kThreads) {
-    uint4 vb[kNormGroup<kM>], va[kNormGroup<kM>];
+  struct Pair {
+    uint4 base, add;
+  };
+  grouped<kNormGroup<kM>, Pair>(
+      total,
+      [&](int idx, Pair& v) {
+        v.base = load_coherent(base + 8 * static_cast<int64_t>(idx));
+        if (add != nullptr) v.add = load_coherent(add + 8 * static_cast<int64_t>(idx));
+      },
+      [&](int idx, const Pair& v) {
+        const int t = idx / vecs;
+        const int64_t at = 8 * static_cast<int64_t>(idx);  // = t * h + 8 * (idx - t * vecs)
+        float r[8];
+        unpack8<T>(v.base, r);
+        if (add != nullptr) {
+          float a[8];
+          unpack8<T>(v.add, a);
 #pragma unroll
-    for (int u = 0; u < kNormGroup<kM>; ++u) {
-      const int idx = first + u * kThreads;
-      if (idx < total) {
-        vb[u] = load_coherent(base + 8 * static_cast<int64_t>(idx));
-        if (add != nullptr) va[u] = load_coherent(add + 8 * static_cast<int64_t>(idx));
-      }
-    }
+          for (int j = 0; j < 8; ++j) r[j] = round_to<T>(r[j] + a[j]);
+          if (store_r) *reinterpret_cast<uint4*>(r_out + at) = pack8<T>(r);
+        }
+        float sq = 0.f;
 #pragma unroll
-    for (int u = 0; u < kNormGroup<kM>; ++u) {
-      const int idx = first + u * kThreads;
-      if (idx >= total) break;
-      const int t = idx / vecs;
-      const int64_t at = 8 * static_cast<int64_t>(idx);  // = t * h + 8 * (idx - t * vecs)
-      float r[8];
-      unpack8<T>(vb[u], r);
-      if (add != nullptr) {
-        float a[8];
-        unpack8<T>(va[u], a);
+        for (int j = 0; j < 8; ++j) sq += r[j] * r[j];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) r[j] = round_to<T>(r[j] + a[j]);
-        if (store_r) *reinterpret_cast<uint4*>(r_out + at) = pack8<T>(r);
-      }
-      float sq = 0.f;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) sq += r[j] * r[j];
-#pragma unroll
-      for (int tt = 0; tt < kM; ++tt) {
-        if (tt == t) ss[tt] += sq;
-      }
-      store8(s_x + at, r);
-    }
-  }
+        for (int tt = 0; tt < kM; ++tt) {
+          if (tt == t) ss[tt] += sq;
+        }
+        store8(s_x + at, r);
+      });
 #pragma unroll
   for (int t = 0; t < kM; ++t) {
 #pragma unroll
@@ -309,27 +313,18 @@ __device__ __forceinline__ void stage_normalised(float* s_x, const T* base, cons
     s_inv[threadIdx.x] = rsqrtf(total_ss / static_cast<float>(h) + eps);
   }
   __syncthreads();
-  for (int first = threadIdx.x; first < total; first += kNormGroup<kM> * kThreads) {
-    uint4 vg[kNormGroup<kM>];
+  grouped<kNormGroup<kM>, uint4>(
+      total, [&](int idx, uint4& v) { v = load16<false>(gamma + 8 * static_cast<int64_t>(idx % vecs), true); },
+      [&](int idx, const uint4& vg) {
+        float* at = s_x + 8 * static_cast<int64_t>(idx);
+        float r[8], g[8];
+        load8(at, r);
+        unpack8<T>(vg, g);
+        const float inv = s_inv[idx / vecs];
 #pragma unroll
-    for (int u = 0; u < kNormGroup<kM>; ++u) {
-      const int idx = first + u * kThreads;
-      if (idx < total) vg[u] = load16<false>(gamma + 8 * static_cast<int64_t>(idx % vecs), true);
-    }
-#pragma unroll
-    for (int u = 0; u < kNormGroup<kM>; ++u) {
-      const int idx = first + u * kThreads;
-      if (idx >= total) break;
-      float* at = s_x + 8 * static_cast<int64_t>(idx);
-      float r[8], g[8];
-      load8(at, r);
-      unpack8<T>(vg[u], g);
-      const float inv = s_inv[idx / vecs];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) r[j] = round_to<T>(__fmul_rn(g[j], round_to<T>(r[j] * inv)));
-      store8(at, r);
-    }
-  }
+        for (int j = 0; j < 8; ++j) r[j] = round_to<T>(__fmul_rn(g[j], round_to<T>(r[j] * inv)));
+        store8(at, r);
+      });
   __syncthreads();
 }
 
