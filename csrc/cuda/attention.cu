@@ -48,35 +48,42 @@ __global__ void __launch_bounds__(attn::kThreads) merge_splits_kernel(const Para
   const int head = static_cast<int>(row % p.num_heads);
   if (p.query_start_loc && token >= p.query_start_loc[p.num_seqs]) return;  // padding rows: untouched
   const int64_t split_stride = static_cast<int64_t>(p.num_tokens) * p.num_heads;
+  constexpr int kPerLane = kMaxHeadDim / 32;
+  constexpr int kUnroll = 4;  // splits whose loads are in flight together
+  float v[kUnroll][kPerLane];
+  auto load_partials = [&](int s0) {  // splits s0 .. s0 + kUnroll - 1 (s0 uniform across the warp)
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int s = s0 + u;
+      const float* o = p.ws_out + (s * split_stride + row) * p.head_dim;
+#pragma unroll
+      for (int c = 0; c < kPerLane; ++c) {
+        const int d = lane + 32 * c;
+        v[u][c] = s < p.num_splits && d < p.head_dim ? o[d] : 0.f;
+      }
+    }
+  };
   const float2* ml = reinterpret_cast<const float2*>(p.ws_ml);
   const float2 ml0 = lane < p.num_splits ? ml[lane * split_stride + row] : make_float2(-INFINITY, 0.f);
   const float2 ml1 = lane + 32 < p.num_splits ? ml[(lane + 32) * split_stride + row] : make_float2(-INFINITY, 0.f);
+  // The first splits' partials go out with the (max, sum) loads, not after their reduction: one
+  // round trip to L2 rather than two.
+  load_partials(0);
   const float m = warp_max(fmaxf(ml0.x, ml1.x));
   const float mu = m == -INFINITY ? 0.f : m;
   const float w0 = ml0.y > 0.f ? exp2f(ml0.x - mu) * ml0.y : 0.f;
   const float w1 = ml1.y > 0.f ? exp2f(ml1.x - mu) * ml1.y : 0.f;
   const float l = warp_sum(w0 + w1);
-  constexpr int kPerLane = kMaxHeadDim / 32;
-  constexpr int kUnroll = 4;  // splits whose loads are in flight together
   float acc[kPerLane] = {};
   for (int s0 = 0; s0 < p.num_splits; s0 += kUnroll) {
-    float ws[kUnroll], v[kUnroll][kPerLane];
+    if (s0 > 0) load_partials(s0);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int s = s0 + u;  // uniform across the warp
-      ws[u] = s < p.num_splits ? __shfl_sync(0xffffffffu, s < 32 ? w0 : w1, s & 31) : 0.f;
-      const float* o = p.ws_out + (s * split_stride + row) * p.head_dim;
+      const float ws = s < p.num_splits ? __shfl_sync(0xffffffffu, s < 32 ? w0 : w1, s & 31) : 0.f;
+      // An empty split (weight 0) wrote no meaningful partial output: its values are dropped.
 #pragma unroll
-      for (int c = 0; c < kPerLane; ++c) {
-        const int d = lane + 32 * c;
-        // An empty split (weight 0) wrote no meaningful partial output: never read it.
-        v[u][c] = ws[u] != 0.f && d < p.head_dim ? o[d] : 0.f;
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-      for (int c = 0; c < kPerLane; ++c) acc[c] += ws[u] * v[u][c];
+      for (int c = 0; c < kPerLane; ++c) acc[c] += ws * (ws != 0.f ? v[u][c] : 0.f);
     }
   }
   const float inv = l > 0.f ? 1.f / l : 0.f;
