@@ -197,7 +197,7 @@ void paged_attention(const tinyserve::PagedAttentionArgs& args, uintptr_t stream
 void paged_attention_decode(const TensorView& query, const TensorView& key_cache, const TensorView& value_cache,
                             const TensorView& block_tables, const TensorView& context_lens, const TensorView& out,
                             double scale, int64_t max_seq_len, std::optional<TensorView> workspace,
-                            bool metadata_early, uintptr_t stream) {
+                            bool metadata_ready, uintptr_t stream) {
   tinyserve::PagedAttentionArgs args;
   args.query = query;
   args.key_cache = key_cache;
@@ -209,7 +209,7 @@ void paged_attention_decode(const TensorView& query, const TensorView& key_cache
   args.max_seq_len = max_seq_len;
   args.max_query_len = 1;
   if (workspace) args.workspace = *workspace;
-  args.metadata_early = metadata_early;
+  args.metadata_ready = metadata_ready;
   paged_attention(args, stream, "paged_attention_decode");
 }
 
@@ -408,7 +408,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("value_cache"), py::arg("slot_mapping"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("paged_attention_decode", &paged_attention_decode, py::arg("query"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("out"), py::arg("scale"),
-        py::arg("max_seq_len"), py::arg("workspace"), py::arg("metadata_early"), py::arg("stream"),
+        py::arg("max_seq_len"), py::arg("workspace"), py::arg("metadata_ready"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
   m.def("paged_attention_prefill", &paged_attention_prefill, py::arg("query"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("block_tables"), py::arg("query_start_loc"), py::arg("seq_lens"),

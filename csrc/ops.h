@@ -168,7 +168,7 @@ struct PagedAttentionArgs {
   // CUDA only: the kernel that runs right before this op on the stream does not write seq_lens,
   // block_tables or query_start_loc, so the kernel may read them before waiting for it
   // (programmatic dependent launch): their dependent loads then overlap that kernel.
-  bool metadata_early = false;
+  bool metadata_ready = false;
 };
 
 namespace cpu {

@@ -249,7 +249,7 @@ Params make_params(const PagedAttentionArgs& a) {
   p.block_size_log2 = log2;
   p.max_blocks = static_cast<int>(a.block_tables.size(1));
   p.scale_log2 = a.scale * attn::kLog2e;
-  p.metadata_early = a.metadata_early;
+  p.metadata_ready = a.metadata_ready;
   return p;
 }
 

@@ -41,7 +41,7 @@ struct Params {
   int num_splits;             // key-range splits (gridDim.y); each takes an equal share of whole key tiles
   int tiles_per_seq;          // decode: row tiles per sequence
   float scale_log2;           // softmax scale * log2(e): scores live in log2 units
-  bool metadata_early;        // lengths and block tables may be read before the PDL wait (ops.h)
+  bool metadata_ready;        // lengths and block tables are ready before the PDL wait (ops.h)
 };
 
 // The query rows and key range one thread block works on.

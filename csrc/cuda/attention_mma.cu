@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) mma_attention_kernel(const Params p)
   const int ld_row = tid / C::kChunks, ld_ch = tid % C::kChunks;  // this thread's K/V copy (below)
   const int block_mask = (1 << p.block_size_log2) - 1;
   // The work tile and the first tile's physical blocks: the lengths and block tables. With
-  // p.metadata_early they are read before waiting on the kernel before this one (the caller
+  // p.metadata_ready they are read before waiting on the kernel before this one (the caller
   // guarantees that kernel does not write them), so their dependent loads overlap it.
   Work w;
   int blocks[C::kRowsPerThread];  // physical blocks of the tile issued next
@@ -110,13 +110,13 @@ __global__ void __launch_bounds__(kThreads) mma_attention_kernel(const Params p)
     }
   };
   bool have = false;
-  if (p.metadata_early) {
+  if (p.metadata_ready) {
     have = map_work(p, C::kRows, w);
     if (have) fetch_blocks(blocks, w.kv_begin);
   }
   pdl_wait();
   pdl_launch_dependents();
-  if (!p.metadata_early) {
+  if (!p.metadata_ready) {
     have = map_work(p, C::kRows, w);
     if (have) fetch_blocks(blocks, w.kv_begin);
   }
