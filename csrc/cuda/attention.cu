@@ -173,12 +173,21 @@ int choose_splits(int64_t base_blocks, int64_t max_len, int64_t capacity, int64_
 
 bool aligned(const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
+// The cache's block and slot strides as 32-bit byte offsets (the tensor-core kernel's copy loop
+// forms row addresses with one wide multiply-add of the block id).
+bool strides_fit_u32(const TensorView& c) {
+  const int64_t elem = dtype_size(c.dtype), limit = int64_t{1} << 32;
+  return c.stride(0) * elem < limit && c.stride(1) * elem * (c.size(1) - 1) < limit;
+}
+
 // The tensor-core kernel reads 16-byte rows of q/k/v and writes 4-byte pairs of out.
 bool mma_layout_ok(const PagedAttentionArgs& a) {
   const TensorView &q = a.query, &kc = a.key_cache, &vc = a.value_cache, &o = a.out;
   const bool q_ok = aligned(q.data, 16) && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0;
-  const bool k_ok = aligned(kc.data, 16) && kc.stride(0) % 8 == 0 && kc.stride(1) % 8 == 0 && kc.stride(2) % 8 == 0;
-  const bool v_ok = aligned(vc.data, 16) && vc.stride(0) % 8 == 0 && vc.stride(1) % 8 == 0 && vc.stride(2) % 8 == 0;
+  const bool k_ok = aligned(kc.data, 16) && kc.stride(0) % 8 == 0 && kc.stride(1) % 8 == 0 && kc.stride(2) % 8 == 0 &&
+                    strides_fit_u32(kc);
+  const bool v_ok = aligned(vc.data, 16) && vc.stride(0) % 8 == 0 && vc.stride(1) % 8 == 0 && vc.stride(2) % 8 == 0 &&
+                    strides_fit_u32(vc);
   const bool o_ok = aligned(o.data, 4) && o.stride(0) % 2 == 0 && o.stride(1) % 2 == 0;
   return q_ok && k_ok && v_ok && o_ok;
 }

@@ -140,14 +140,15 @@ __global__ void __launch_bounds__(kThreads) mma_attention_kernel(const Params p)
 
   // K/V tile copies: thread copies chunk ld_ch of rows ld_row + i * kLoadRows. Physical block ids
   // are fetched into registers a tile before they are used, off the critical path. While a tile
-  // is multiplied (and while waiting for it) the next STAGES - 1 tiles are in flight.
-  auto row_ptrs = [&](int block, int pos, const T*& k, const T*& v) {
-    const int64_t b = block, slot = pos & block_mask;
-    k = static_cast<const T*>(p.k_cache) + b * p.k_stride_block + slot * p.k_stride_slot +
-        kv_head * p.k_stride_head + ld_ch * 8;
-    v = static_cast<const T*>(p.v_cache) + b * p.v_stride_block + slot * p.v_stride_slot +
-        kv_head * p.v_stride_head + ld_ch * 8;
-  };
+  // is multiplied (and while waiting for it) the next STAGES - 1 tiles are in flight. The cache
+  // strides fit in 32 bits as bytes (mma_layout_ok), so a row's address is its thread's fixed
+  // base plus one wide multiply-add of the block id: no 64-bit products in the copy loop.
+  const char* k_base = static_cast<const char*>(p.k_cache) + (kv_head * p.k_stride_head + ld_ch * 8) * sizeof(T);
+  const char* v_base = static_cast<const char*>(p.v_cache) + (kv_head * p.v_stride_head + ld_ch * 8) * sizeof(T);
+  const uint32_t k_block_bytes = static_cast<uint32_t>(p.k_stride_block * sizeof(T));
+  const uint32_t v_block_bytes = static_cast<uint32_t>(p.v_stride_block * sizeof(T));
+  const uint32_t k_slot_bytes = static_cast<uint32_t>(p.k_stride_slot * sizeof(T));
+  const uint32_t v_slot_bytes = static_cast<uint32_t>(p.v_stride_slot * sizeof(T));
   auto issue_tile = [&](int k0, int stage) {
     T* sk = s_kv + stage * 2 * C::kTileElems;
     T* sv = sk + C::kTileElems;
@@ -155,9 +156,11 @@ __global__ void __launch_bounds__(kThreads) mma_attention_kernel(const Params p)
     for (int i = 0; i < C::kRowsPerThread; ++i) {
       const int r = ld_row + i * C::kLoadRows;
       const bool valid = blocks[i] >= 0;
-      const T* k = static_cast<const T*>(p.k_cache);
-      const T* v = static_cast<const T*>(p.v_cache);
-      if (valid) row_ptrs(blocks[i], k0 + r, k, v);
+      // An invalid row copies nothing (source size 0) from a harmless in-range address.
+      const uint32_t block = valid ? static_cast<uint32_t>(blocks[i]) : 0u;
+      const uint32_t slot = static_cast<uint32_t>((k0 + r) & block_mask);
+      const char* k = k_base + slot * k_slot_bytes + static_cast<uint64_t>(block) * k_block_bytes;
+      const char* v = v_base + slot * v_slot_bytes + static_cast<uint64_t>(block) * v_block_bytes;
       cp_async_16(smem_u32(sk + r * C::kStride + ld_ch * 8), k, valid);
       cp_async_16(smem_u32(sv + r * C::kStride + ld_ch * 8), v, valid);
     }
