@@ -204,6 +204,59 @@ def test_decode_few_and_many_blocks_cuda(dtype, num_seqs):
     check_close(run_decode(b, out=poisoned(b)), decode_ref(b), dtype, f"decode {num_seqs} sequences")
 
 
+def _cache_with_block_stride(
+    stride0: int,
+    num_blocks: int,
+    block_size: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: str,
+    g: torch.Generator,
+) -> torch.Tensor:
+    """A [num_blocks, block_size, kv_heads, head_dim] cache whose blocks lie stride0 elements apart
+    (only the blocks themselves are written; the storage between them is never read)."""
+    block = block_size * kv_heads * head_dim
+    storage = torch.empty((num_blocks - 1) * stride0 + block, dtype=dtype, device=device)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    cache = storage.as_strided(shape, (stride0, kv_heads * head_dim, head_dim, 1))
+    cache.copy_(torch.randn(cache.shape, generator=g, dtype=torch.float64).to(dtype))
+    return cache
+
+
+@pytest.mark.parametrize(
+    "device,stride_bytes",
+    [
+        ("cpu", 8192 + 128),
+        # Just past 4 GB between blocks: block 1 lies beyond the tensor-core kernel's 32-bit row
+        # offsets, so the launch must take the CUDA-core kernel (attention.cu, mma_layout_ok).
+        pytest.param("cuda", (1 << 32) + 8192, marks=pytest.mark.cuda),
+    ],
+    ids=["cpu", "cuda-4GB"],
+)
+def test_decode_cache_with_a_wide_block_stride(device, stride_bytes):
+    """A cache view whose blocks are far apart (a slice of a larger pool): every block is read at its
+    own address, with the tensor-core kernel's 32-bit offsets or without them."""
+    bs, kv_heads, head_dim, heads, dtype = 16, 2, 128, 4, torch.bfloat16
+    stride0 = stride_bytes // 2
+    if device == "cuda" and torch.cuda.mem_get_info()[0] < 2 * stride_bytes + (1 << 30):
+        pytest.skip("needs about 9 GB of free GPU memory")
+    g = torch.Generator().manual_seed(7)
+    key_cache = _cache_with_block_stride(stride0, 2, bs, kv_heads, head_dim, dtype, device, g)
+    value_cache = _cache_with_block_stride(stride0, 2, bs, kv_heads, head_dim, dtype, device, g)
+    b = Batch(
+        torch.randn(2, heads, head_dim, generator=g, dtype=torch.float64).to(device=device, dtype=dtype),
+        key_cache,
+        value_cache,
+        torch.tensor([[1, 0], [1, -1]], dtype=torch.int32, device=device),  # both reach block 1
+        torch.tensor([0, 1, 2], dtype=torch.int32, device=device),
+        torch.tensor([20, 9], dtype=torch.int32, device=device),
+        head_dim**-0.5,
+    )
+    check_close(run_decode(b, out=poisoned(b)), decode_ref(b), dtype, "decode, wide block stride")
+    del b, key_cache, value_cache
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_metadata_ready_changes_nothing(device, dtype):
