@@ -254,7 +254,6 @@ def test_decode_cache_with_a_wide_block_stride(device, stride_bytes):
         head_dim**-0.5,
     )
     check_close(run_decode(b, out=poisoned(b)), decode_ref(b), dtype, "decode, wide block stride")
-    del b, key_cache, value_cache
 
 
 @pytest.mark.parametrize("device", DEVICES)
