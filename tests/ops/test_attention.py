@@ -204,6 +204,52 @@ def test_decode_few_and_many_blocks_cuda(dtype, num_seqs):
     check_close(run_decode(b, out=poisoned(b)), decode_ref(b), dtype, f"decode {num_seqs} sequences")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("bound", [2048, 4096])
+def test_decode_split_over_many_waves_cuda(bound):
+    """112 sequences x 8 KV heads under a long length bound (a decode graph's): about two waves of
+    blocks without splits, so the launch is split (on an H100/H200, three ways) into several waves
+    of split blocks. One graph is replayed with all sequences long (every split leaves a partial in
+    the workspace), then with lengths that are empty, short, at the edges of a share of the bound
+    and long: no stale partial may reach a merged row, and no row may be left unwritten."""
+    n, dtype = 112, torch.bfloat16
+    g = torch.Generator().manual_seed(bound)
+    edges = [0, 1, 63, 64, 65, 511, 512, 513, 1023, 1024, 1025, 1407, 1408, 1409, 2047, 2048]
+    mixed = edges + torch.randint(1, 2049, (n - len(edges),), generator=g).tolist()
+    # Made on the GPU (make_batch draws float64 keys on the CPU: far too slow at this size); block tables
+    # wide enough for the bound, so that the launch is sized for it.
+    gd = torch.Generator(device="cuda").manual_seed(bound)
+    blocks = 2048 // 16
+    caches = [torch.randn((n * blocks, 16, 8, 128), generator=gd, device="cuda").to(dtype) for _ in range(2)]
+    tables = torch.full((n, 2 * blocks), -1, dtype=torch.int32, device="cuda")
+    tables[:, :blocks] = torch.randperm(n * blocks, generator=gd, device="cuda").view(n, blocks).int()
+    query = torch.randn((n, 16, 128), generator=gd, device="cuda").to(dtype)
+    starts = torch.arange(n + 1, dtype=torch.int32, device="cuda")
+    seq_lens = torch.full((n,), 2048, dtype=torch.int32, device="cuda")
+    b = Batch(query, caches[0], caches[1], tables, starts, seq_lens, 128**-0.5)
+    out = torch.empty_like(b.query)
+    graph, _ = capture(
+        lambda: ops.paged_attention_decode(
+            b.query,
+            b.key_cache,
+            b.value_cache,
+            b.block_tables,
+            b.seq_lens,
+            b.scale,
+            out=out,
+            max_seq_len=bound,
+        )
+    )
+    short = torch.randint(0, 1025, (n,), generator=g).tolist()
+    cases = {"all long": [2048] * n, "mixed": mixed, "short": short, "mixed, permuted": mixed[::-1]}
+    for name, lens in cases.items():
+        b.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_close(out, decode_ref(b), dtype, f"{name}, bound {bound}")
+
+
 def _cache_with_block_stride(
     stride0: int,
     num_blocks: int,

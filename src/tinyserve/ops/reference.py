@@ -12,8 +12,9 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
     """[seq_len, num_kv_heads, head_dim] float64: positions 0..seq_len-1 of one sequence."""
     block_size = cache.shape[1]
     num_blocks = -(-seq_len // block_size)
-    blocks = block_table[:num_blocks].long().cpu()
-    return cache.cpu()[blocks].reshape(-1, cache.shape[2], cache.shape[3])[:seq_len].double()
+    blocks = block_table[:num_blocks].long().to(cache.device)
+    # Gathered where the cache lives: only the sequence's blocks travel to the CPU.
+    return cache[blocks].cpu().reshape(-1, cache.shape[2], cache.shape[3])[:seq_len].double()
 
 
 def paged_attention_prefill_ref(
