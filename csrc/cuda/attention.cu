@@ -33,6 +33,11 @@ constexpr int kMaxHeadDim = 256;
 constexpr int kDecodeStagesFew = 3;
 constexpr int kDecodeStagesMany = 2;
 constexpr int kFewWaves = 2;
+// A launch of this many waves of blocks without splits is not split: splits would only trim its
+// last wave, whose blocks' ends the lengths of a real batch already spread, and each split block
+// pays its start and its partials' write and merge. (H200, Qwen3-0.6B heads, harness batches of
+// 153-256 sequences under the 2,048-key bound: 0.6-2.7 % faster than the cost model's 2 splits.)
+constexpr int kManyWaves = 3;
 
 // ---- merge of split-KV partials -----------------------------------------------------------------
 
@@ -148,13 +153,15 @@ int resident_blocks(const KernelInfo& k, int device, int sms) {
 //   ceil(blocks / slots) * (keys per block + kBlockOverheadKeys) + s * kSplitOverheadKeys
 // (rounds of resident blocks times each block's length, plus the partials' write and merge).
 // The constants were fitted to a sweep of forced split counts on an H200 (benchmarks/RESULTS.md):
-// they pick the measured best or within 5% of it for 1-256 sequences of 1k-8k keys.
+// they pick the measured best or within 5% of it for 1-256 sequences of 1k-8k keys. The model assumes
+// every block is max_len long, so its wave rounding is only real for uniform lengths; launches of
+// kManyWaves or more are not split at all.
 constexpr double kBlockOverheadKeys = 128.0;
 constexpr double kSplitOverheadKeys = 32.0;
 
 int choose_splits(int64_t base_blocks, int64_t max_len, int64_t capacity, int64_t slots) {
   const int64_t max_splits = std::min<int64_t>({capacity, kMaxSplits, max_len / kMinPartition});
-  if (max_splits < 2 || base_blocks <= 0) return 1;
+  if (max_splits < 2 || base_blocks <= 0 || base_blocks >= kManyWaves * slots) return 1;
   auto cost = [&](int64_t s) {
     const double waves = static_cast<double>((base_blocks * s + slots - 1) / slots);
     return waves * (static_cast<double>(max_len) / s + kBlockOverheadKeys) + kSplitOverheadKeys * s;
