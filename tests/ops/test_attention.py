@@ -134,6 +134,33 @@ def poisoned(b: Batch) -> torch.Tensor:
     return torch.full_like(b.query, float("nan"))
 
 
+def capture_decode(b: Batch, out: torch.Tensor, max_seq_len: int) -> torch.cuda.CUDAGraph:
+    """One decode call into `out` captured in a CUDA graph, its launch sized for max_seq_len (as the
+    runner's decode graphs are); replays read b's tensors as they then stand."""
+    graph, _ = capture(
+        lambda: ops.paged_attention_decode(
+            b.query,
+            b.key_cache,
+            b.value_cache,
+            b.block_tables,
+            b.seq_lens,
+            b.scale,
+            out=out,
+            max_seq_len=max_seq_len,
+        )
+    )
+    return graph
+
+
+def replay_and_check(
+    graph: torch.cuda.CUDAGraph, out: torch.Tensor, b: Batch, dtype: torch.dtype, what: str
+) -> None:
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_close(out, decode_ref(b), dtype, what)
+
+
 # ---- decode ---------------------------------------------------------------------------------------
 
 
@@ -228,26 +255,12 @@ def test_decode_split_over_many_waves_cuda(bound):
     seq_lens = torch.full((n,), 2048, dtype=torch.int32, device="cuda")
     b = Batch(query, caches[0], caches[1], tables, starts, seq_lens, 128**-0.5)
     out = torch.empty_like(b.query)
-    graph, _ = capture(
-        lambda: ops.paged_attention_decode(
-            b.query,
-            b.key_cache,
-            b.value_cache,
-            b.block_tables,
-            b.seq_lens,
-            b.scale,
-            out=out,
-            max_seq_len=bound,
-        )
-    )
+    graph = capture_decode(b, out, bound)
     short = torch.randint(0, 1025, (n,), generator=g).tolist()
     cases = {"all long": [2048] * n, "mixed": mixed, "short": short, "mixed, permuted": mixed[::-1]}
     for name, lens in cases.items():
         b.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        check_close(out, decode_ref(b), dtype, f"{name}, bound {bound}")
+        replay_and_check(graph, out, b, dtype, f"{name}, bound {bound}")
 
 
 def _cache_with_block_stride(
@@ -560,27 +573,13 @@ def test_decode_cuda_graph_replay(dtype):
     """Captured once with a fixed max_seq_len; replayed after lengths and tables change in place."""
     b = make_batch([4096, 4096, 4096], [1] * 3, 16, 4, 128, 16, dtype, "cuda", seed=31)
     out = torch.full_like(b.query, float("nan"))
-    graph, _ = capture(
-        lambda: ops.paged_attention_decode(
-            b.query,
-            b.key_cache,
-            b.value_cache,
-            b.block_tables,
-            b.seq_lens,
-            b.scale,
-            out=out,
-            max_seq_len=4096,
-        )
-    )
+    graph = capture_decode(b, out, 4096)
     g = torch.Generator().manual_seed(0)
     for lens in ([100, 3000, 1], [4096, 17, 2049], [0, 1, 256]):
         b.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
         b.block_tables.copy_(b.block_tables[torch.randperm(3, generator=g)])
         b.query.copy_(torch.randn(b.query.shape, generator=g).to(dtype))
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        check_close(out, decode_ref(b), dtype, f"graph replay {lens}")
+        replay_and_check(graph, out, b, dtype, f"graph replay {lens}")
 
 
 @pytest.mark.cuda
