@@ -237,8 +237,8 @@ def test_decode_split_over_many_waves_cuda(bound):
     """112 sequences x 8 KV heads under a long length bound (a decode graph's): about two waves of
     blocks without splits, so the launch is split (on an H100/H200, three ways) into several waves
     of split blocks. One graph is replayed with all sequences long (every split leaves a partial in
-    the workspace), then with lengths that are empty, short, at the edges of a share of the bound
-    and long: no stale partial may reach a merged row, and no row may be left unwritten."""
+    the workspace), then with lengths that are empty, short, at key-tile edges and long: no stale
+    partial may reach a merged row, and no row may be left unwritten."""
     n, dtype = 112, torch.bfloat16
     g = torch.Generator().manual_seed(bound)
     edges = [0, 1, 63, 64, 65, 511, 512, 513, 1023, 1024, 1025, 1407, 1408, 1409, 2047, 2048]
