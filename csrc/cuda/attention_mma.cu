@@ -109,17 +109,15 @@ __global__ void __launch_bounds__(kThreads) mma_attention_kernel(const Params p)
       dst[i] = pos < w.kv_end ? table[pos >> p.block_size_log2] : -1;
     }
   };
-  bool have = false;
-  if (p.metadata_ready) {
-    have = map_work(p, C::kRows, w);
-    if (have) fetch_blocks(blocks, w.kv_begin);
-  }
+  auto start_work = [&]() {
+    const bool found = map_work(p, C::kRows, w);
+    if (found) fetch_blocks(blocks, w.kv_begin);
+    return found;
+  };
+  bool have = p.metadata_ready && start_work();
   pdl_wait();
   pdl_launch_dependents();
-  if (!p.metadata_ready) {
-    have = map_work(p, C::kRows, w);
-    if (have) fetch_blocks(blocks, w.kv_begin);
-  }
+  if (!p.metadata_ready) have = start_work();
   if (!have) return;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_q = reinterpret_cast<T*>(smem_raw);
