@@ -260,7 +260,8 @@ void rotary_embedding(const TensorView& positions, const TensorView& query, cons
                       const TensorView& cos_sin_cache, int64_t rotary_dim, std::optional<TensorView> q_norm_weight,
                       std::optional<TensorView> k_norm_weight, double eps, std::optional<TensorView> value,
                       std::optional<TensorView> key_cache, std::optional<TensorView> value_cache,
-                      std::optional<TensorView> slot_mapping, uintptr_t stream) {
+                      std::optional<TensorView> slot_mapping, std::optional<TensorView> rms_of, double rms_eps,
+                      uintptr_t stream) {
   tinyserve::RotaryArgs args;
   args.positions = positions;
   args.query = query;
@@ -274,6 +275,8 @@ void rotary_embedding(const TensorView& positions, const TensorView& query, cons
   if (value_cache) args.value_cache = *value_cache;
   if (slot_mapping) args.slot_mapping = *slot_mapping;
   args.eps = static_cast<float>(eps);
+  if (rms_of) args.rms_of = *rms_of;
+  args.rms_eps = static_cast<float>(rms_eps);
   if (query.is_cuda()) {
 #ifdef TINYSERVE_WITH_CUDA
     tinyserve::cuda::rotary_embedding(args, stream);
@@ -285,8 +288,9 @@ void rotary_embedding(const TensorView& positions, const TensorView& query, cons
   }
 }
 
-void silu_and_mul(const TensorView& x, const TensorView& out, uintptr_t stream) {
-  const tinyserve::SiluAndMulArgs args{x, out};
+void silu_and_mul(const TensorView& x, const TensorView& out, std::optional<TensorView> rms_of, float eps,
+                  uintptr_t stream) {
+  const tinyserve::SiluAndMulArgs args{x, out, rms_of.value_or(TensorView{}), eps};
   if (x.is_cuda()) {
 #ifdef TINYSERVE_WITH_CUDA
     tinyserve::cuda::silu_and_mul(args, stream);
@@ -419,8 +423,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("rotary_embedding", &rotary_embedding, py::arg("positions"), py::arg("query"), py::arg("key"),
         py::arg("cos_sin_cache"), py::arg("rotary_dim"), py::arg("q_norm_weight"), py::arg("k_norm_weight"),
         py::arg("eps"), py::arg("value"), py::arg("key_cache"), py::arg("value_cache"), py::arg("slot_mapping"),
-        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
-  m.def("silu_and_mul", &silu_and_mul, py::arg("x"), py::arg("out"), py::arg("stream"),
+        py::arg("rms_of"), py::arg("rms_eps"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("silu_and_mul", &silu_and_mul, py::arg("x"), py::arg("out"), py::arg("rms_of"), py::arg("eps"),
+        py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
   m.def("sample_from_logits", &sample_from_logits, py::arg("logits"), py::arg("temperature"), py::arg("keys"),
         py::arg("counters"), py::arg("out"), py::arg("workspace"), py::arg("stream"),

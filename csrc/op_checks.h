@@ -95,6 +95,12 @@ inline void check_rotary_args(const RotaryArgs& a) {
     check_reshape_and_cache_args(rotary_cache_args(a));
     check(a.key_cache.device == q.device, "rotary_embedding: the caches must be on the query's device");
   }
+  if (a.rms_of.data != nullptr) {
+    check(writes, "rotary_embedding: rms_of needs the cache write (value is scaled too)");
+    check(a.rms_of.ndim == 2 && a.rms_of.size(0) == q.size(0) && a.rms_of.stride(1) == 1 &&
+              a.rms_of.dtype == q.dtype && a.rms_of.device == q.device,
+          "rotary_embedding: rms_of must be [num_tokens, hidden] of the query's dtype and device, unit last stride");
+  }
 }
 
 inline void check_silu_and_mul_args(const SiluAndMulArgs& a) {
@@ -103,6 +109,12 @@ inline void check_silu_and_mul_args(const SiluAndMulArgs& a) {
   check(a.x.stride(1) == 1 && a.out.stride(1) == 1, "silu_and_mul: x and out need a unit last stride");
   check(a.x.dtype == a.out.dtype, "silu_and_mul: x and out must share one dtype");
   check(a.x.device == a.out.device, "silu_and_mul: x and out must be on one device");
+  if (a.rms_of.data != nullptr) {
+    check(a.rms_of.ndim == 2 && a.rms_of.size(0) == a.x.size(0) && a.rms_of.stride(1) == 1,
+          "silu_and_mul: rms_of must be [num_tokens, hidden] with a unit last stride");
+    check(a.rms_of.dtype == a.x.dtype && a.rms_of.device == a.x.device,
+          "silu_and_mul: rms_of must have x's dtype and device");
+  }
 }
 
 inline void check_skinny_gemm_args(const SkinnyGemmArgs& a) {

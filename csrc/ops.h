@@ -207,17 +207,30 @@ struct RmsNormArgs {
 // checks): the rotated key and `value` [num_tokens, num_kv_heads, head_dim] go into the paged caches
 // at slot_mapping (-1: not written). On CUDA that is the same kernel, so a decoder layer saves a
 // launch; the CPU twin runs the two steps.
+// With rms_of.data != nullptr ([num_tokens, hidden], the dtype of query, unit last stride; needs
+// the cache write): query, key and value are the products of un-normalised rows h = rms_of (an
+// RMSNorm's weight folded into the qkv product), so every element of token t's q, k and v heads is
+// first multiplied by rsqrt(mean(h[t]^2) + rms_eps) (float32 statistics) and rounded to the dtype,
+// in place, as the product of the normalised row would have been stored.
 struct RotaryArgs {
   TensorView positions, query, key, cos_sin_cache, q_norm_weight, k_norm_weight;
   TensorView value, key_cache, value_cache, slot_mapping;
   int64_t rotary_dim = 0;
   float eps = 1e-6f;
+  TensorView rms_of;
+  float rms_eps = 1e-6f;
 };
 
 // out [num_tokens, d] = T(silu(x[:, :d]) rounded to T) * x[:, d:], x [num_tokens, 2 * d]; unit
 // last strides, any row strides.
+// With rms_of.data != nullptr ([num_tokens, hidden], x's dtype, unit last stride): x is the
+// [gate | up] product of un-normalised rows h = rms_of (an RMSNorm's weight folded into the
+// product), so every element of row t is first multiplied by rsqrt(mean(h[t]^2) + eps) (float32
+// statistics) and rounded to T, as the product of the normalised row would have been stored.
 struct SiluAndMulArgs {
   TensorView x, out;
+  TensorView rms_of;
+  float eps = 1e-6f;
 };
 
 namespace cpu {

@@ -123,6 +123,25 @@ void rotary_impl(const RotaryArgs& a, const RopeShape& s) {
   }
 }
 
+// A folded input norm (RotaryArgs::rms_of): token t's q, k and v heads times rsqrt(mean(h[t]^2) +
+// rms_eps), rounded to T, in place.
+template <typename T>
+void scale_heads_impl(const RotaryArgs& a, const RopeShape& s) {
+  const int64_t hidden = a.rms_of.size(1);
+  const TensorView* views[] = {&a.query, &a.key, &a.value};
+#pragma omp parallel for schedule(static) if (s.num_tokens * hidden > kParallelMinElems)
+  for (int64_t t = 0; t < s.num_tokens; ++t) {
+    const float inv = inv_rms(sum_of_squares(a.rms_of.ptr<const T>() + t * a.rms_of.stride(0), hidden), hidden,
+                              a.rms_eps);
+    for (const TensorView* v : views) {
+      for (int64_t h = 0; h < v->size(1); ++h) {
+        T* x = v->ptr<T>() + t * v->stride(0) + h * v->stride(1);
+        for (int64_t i = 0; i < s.head_dim; ++i) x[i] = from_float<T>(to_float(x[i]) * inv);
+      }
+    }
+  }
+}
+
 // ---- SiLU and mul -------------------------------------------------------------------------------
 template <typename T>
 void silu_and_mul_impl(const SiluAndMulArgs& a) {
@@ -132,9 +151,19 @@ void silu_and_mul_impl(const SiluAndMulArgs& a) {
     const T* gate = a.x.ptr<const T>() + t * a.x.stride(0);
     const T* up = gate + d;
     T* out = a.out.ptr<T>() + t * a.out.stride(0);
+    if (a.rms_of.data == nullptr) {
+      for (int64_t j = 0; j < d; ++j) {
+        const float g = to_float(gate[j]);
+        out[j] = from_float<T>(silu_rounded<T>(g) * to_float(up[j]));
+      }
+      continue;
+    }
+    const T* h = a.rms_of.ptr<const T>() + t * a.rms_of.stride(0);
+    const int64_t hidden = a.rms_of.size(1);
+    const float inv = inv_rms(sum_of_squares(h, hidden), hidden, a.eps);
     for (int64_t j = 0; j < d; ++j) {
-      const float g = to_float(gate[j]);
-      out[j] = from_float<T>(silu_rounded<T>(g) * to_float(up[j]));
+      const float g = round_to<T>(to_float(gate[j]) * inv), u = round_to<T>(to_float(up[j]) * inv);
+      out[j] = from_float<T>(silu_rounded<T>(g) * u);
     }
   }
 }
@@ -157,7 +186,10 @@ struct RmsNormFn {
 };
 template <typename T>
 struct RotaryFn {
-  static void run(const RotaryArgs& a, const RopeShape& s) { rotary_impl<T>(a, s); }
+  static void run(const RotaryArgs& a, const RopeShape& s) {
+    if (a.rms_of.data) scale_heads_impl<T>(a, s);
+    rotary_impl<T>(a, s);
+  }
 };
 template <typename T>
 struct SiluFn {

@@ -58,6 +58,18 @@ __device__ float block_sum(float v) {
   return warp_sum(v);
 }
 
+// rsqrt(mean(h[0:n]^2) + eps) in float32 over the block (every thread of it must call; every
+// thread gets the result).
+template <typename T>
+__device__ float block_inv_rms(const T* __restrict__ h, int n, float eps) {
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float f = to_float<T>(h[i]);
+    ss += f * f;
+  }
+  return rsqrtf(block_sum(ss) / static_cast<float>(n) + eps);
+}
+
 template <typename T>
 constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte access
 
@@ -159,6 +171,11 @@ struct RopeParams {
   const void* slots;
   int64_t v_s0, v_s1, kc_block, kc_slot, kc_head, vc_block, vc_slot, vc_head, slot_stride, num_slots, block_size;
   bool slots64;
+  // Row scaling by an RMSNorm folded into the qkv product (rms_of == nullptr: none; ops.h).
+  const void* rms_of;
+  int64_t r_s0;
+  int rms_hidden;
+  float rms_eps;
 };
 
 // Where token t's head h row lands in a paged cache, or nullptr for padding / an out-of-range slot
@@ -192,6 +209,22 @@ __global__ void rotary_kernel(const RopeParams p) {
   const int head_units = p.head_dim / N;
   T* x = is_q ? static_cast<T*>(p.query) + t * p.q_s0 + head * p.q_s1
               : static_cast<T*>(p.key) + t * p.k_s0 + (head - p.num_heads) * p.k_s1;
+  // A folded input norm: this token's q and k heads are scaled in place first (each lane its own
+  // units; the warp syncs before lanes read each other's), its v heads where they are copied.
+  float row_inv = 1.f;
+  const bool scaled = p.rms_of != nullptr;
+  if (scaled) {
+    row_inv = block_inv_rms(static_cast<const T*>(p.rms_of) + t * p.r_s0, p.rms_hidden, p.rms_eps);
+    if (valid) {
+      for (int u = lane; u < head_units; u += g) {
+        Vec<T, N> a = load<T, N>(x + u * N);
+#pragma unroll
+        for (int j = 0; j < N; ++j) a.v[j] = from_float<T>(to_float<T>(a.v[j]) * row_inv);
+        store<T, N>(x + u * N, a);
+      }
+    }
+    __syncwarp();
+  }
   const int rot_units = p.half / N, rest_units = (p.head_dim - 2 * p.half) / N;
   // Issued first: its latency overlaps the norm's reduction.
   const int64_t pos = p.pos64 ? static_cast<const int64_t*>(p.positions)[t * p.pos_stride]
@@ -223,8 +256,18 @@ __global__ void rotary_kernel(const RopeParams p) {
     const int vh = head - p.num_heads - p.num_kv_heads;
     if (!caching || vh >= p.num_kv_heads) return;
     T* dst = cache_row<T>(p, p.value_cache, t, vh, p.vc_block, p.vc_slot, p.vc_head);
+    T* src = const_cast<T*>(static_cast<const T*>(p.value)) + t * p.v_s0 + vh * p.v_s1;
+    if (scaled) {  // v in place too (it is written even where the slot is padding)
+      for (int u = lane; u < head_units; u += g) {
+        Vec<T, N> a = load<T, N>(src + u * N);
+#pragma unroll
+        for (int j = 0; j < N; ++j) a.v[j] = from_float<T>(to_float<T>(a.v[j]) * row_inv);
+        store<T, N>(src + u * N, a);
+        if (dst != nullptr) store<T, N>(dst + u * N, a);
+      }
+      return;
+    }
     if (dst == nullptr) return;
-    const T* src = static_cast<const T*>(p.value) + t * p.v_s0 + vh * p.v_s1;
     for (int u = lane; u < head_units; u += g) store<T, N>(dst + u * N, load<T, N>(src + u * N));
     return;
   }
@@ -287,25 +330,40 @@ __global__ void rotary_kernel(const RopeParams p) {
 // ---- SiLU and mul -------------------------------------------------------------------------------
 constexpr int kSiluThreads = 128;
 
+struct SiluParams {
+  const void* x;
+  void* out;
+  const void* rms_of;  // nullptr: x is the plain [gate | up] product (ops.h)
+  int64_t x_s0, out_s0, r_s0;
+  int d, hidden;
+  float eps;
+};
+
 // blockIdx.x: token; blockIdx.y * blockDim.x + threadIdx.x: unit of N output elements.
 template <typename T, int N>
-__global__ void __launch_bounds__(kSiluThreads)
-    silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t x_s0, int64_t out_s0, int d) {
+__global__ void __launch_bounds__(kSiluThreads) silu_and_mul_kernel(const SiluParams p) {
   pdl_wait();
   pdl_launch_dependents();
+  float inv = 1.f;
+  const bool scaled = p.rms_of != nullptr;
+  if (scaled) inv = block_inv_rms(static_cast<const T*>(p.rms_of) + blockIdx.x * p.r_s0, p.hidden, p.eps);
   const int u = blockIdx.y * blockDim.x + threadIdx.x;
-  if (u >= d / N) return;
-  const T* gate = x + blockIdx.x * x_s0 + u * N;
-  const Vec<T, N> gv = load<T, N>(gate), uv = load<T, N>(gate + d);
+  if (u >= p.d / N) return;
+  const T* gate = static_cast<const T*>(p.x) + blockIdx.x * p.x_s0 + u * N;
+  const Vec<T, N> gv = load<T, N>(gate), uv = load<T, N>(gate + p.d);
   Vec<T, N> o;
 #pragma unroll
   for (int j = 0; j < N; ++j) {
-    const float g = to_float<T>(gv.v[j]);
+    float g = to_float<T>(gv.v[j]), up = to_float<T>(uv.v[j]);
+    if (scaled) {  // the product of the normalised row, as it would have been stored
+      g = round_to<T>(g * inv);
+      up = round_to<T>(up * inv);
+    }
     // F.silu(gate) is stored in T before the product, as SiluAndMul's PyTorch formula does.
     const float s = round_to<T>(g / (1.f + expf(-g)));
-    o.v[j] = from_float<T>(__fmul_rn(s, to_float<T>(uv.v[j])));
+    o.v[j] = from_float<T>(__fmul_rn(s, up));
   }
-  store<T, N>(out + blockIdx.x * out_s0 + u * N, o);
+  store<T, N>(static_cast<T*>(p.out) + blockIdx.x * p.out_s0 + u * N, o);
 }
 
 // The row strides of a 2-D or 3-D view: (outer, inner) with inner = 0 for 2-D.
@@ -384,6 +442,13 @@ void rotary_embedding(const RotaryArgs& a, uintptr_t stream_handle) {
   p.half = static_cast<int>(a.rotary_dim / 2);
   p.pos64 = a.positions.dtype == DType::kInt64;
   p.eps = a.eps;
+  p.rms_of = a.rms_of.data;
+  if (p.rms_of != nullptr) {
+    check(a.rms_of.size(1) <= INT32_MAX, "rotary_embedding: rms_of rows too long");
+    p.r_s0 = a.rms_of.stride(0);
+    p.rms_hidden = static_cast<int>(a.rms_of.size(1));
+    p.rms_eps = a.rms_eps;
+  }
   if (caching) {
     const TensorView &v = a.value, &kc = a.key_cache, &vc = a.value_cache;
     p.value = v.data;
@@ -440,6 +505,7 @@ void silu_and_mul(const SiluAndMulArgs& a, uintptr_t stream_handle) {
   const int64_t num_tokens = a.out.size(0), d = a.out.size(1);
   if (num_tokens == 0 || d == 0) return;
   check(num_tokens <= INT32_MAX && d <= INT32_MAX / 2, "silu_and_mul: too large for one launch");
+  check(a.rms_of.data == nullptr || a.rms_of.size(1) <= INT32_MAX, "silu_and_mul: rms_of rows too long");
   const int vw = 16 / static_cast<int>(dtype_size(a.x.dtype));
   const bool vec = d % vw == 0 && aligned16(a.x.data) && aligned16(a.out.data) && a.x.stride(0) % vw == 0 &&
                    a.out.stride(0) % vw == 0;
@@ -452,11 +518,17 @@ void silu_and_mul(const SiluAndMulArgs& a, uintptr_t stream_handle) {
   dispatch(a.x.dtype, vec, "silu_and_mul", [&](auto zero, auto width) {
     using T = decltype(zero);
     constexpr int N = decltype(width)::value;
-    const T* x = a.x.ptr<const T>();
-    T* out = a.out.ptr<T>();
-    int64_t x_s0 = a.x.stride(0), out_s0 = a.out.stride(0);
-    int dd = static_cast<int>(d);
-    void* args[] = {&x, &out, &x_s0, &out_s0, &dd};
+    SiluParams p{};
+    p.x = a.x.data;
+    p.out = a.out.data;
+    p.rms_of = a.rms_of.data;
+    p.x_s0 = a.x.stride(0);
+    p.out_s0 = a.out.stride(0);
+    p.r_s0 = p.rms_of != nullptr ? a.rms_of.stride(0) : 0;
+    p.d = static_cast<int>(d);
+    p.hidden = p.rms_of != nullptr ? static_cast<int>(a.rms_of.size(1)) : 0;
+    p.eps = a.eps;
+    void* args[] = {&p};
     launch_kernel(reinterpret_cast<const void*>(&silu_and_mul_kernel<T, N>), grid, dim3(kSiluThreads), 0, stream,
                   args, a.x.device, "silu_and_mul_kernel launch");
   });

@@ -32,7 +32,7 @@ def _variant(src: Path, dst: Path, edit) -> Path:  # edit(state_dict) -> state_d
 
 
 def test_fused_weights_equal_checkpoint_tensors(llama_dir: Path) -> None:
-    model, arch = load_model(llama_dir)
+    model, arch = load_model(llama_dir, fold_norms=False)
     state = load_file(llama_dir / "model.safetensors")
     attn = model.model.layers[1].self_attn
     q, k, v = attn.qkv_proj.split(attn.qkv_proj.weight.T)
@@ -42,6 +42,40 @@ def test_fused_weights_equal_checkpoint_tensors(llama_dir: Path) -> None:
     assert torch.equal(gate, state["model.layers.0.mlp.gate_proj.weight"])
     assert torch.equal(up, state["model.layers.0.mlp.up_proj.weight"])
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_norm_weights_fold_into_the_next_products(llama_dir: Path) -> None:
+    """By default each layer's input and post-attention norm weights are folded into the qkv and
+    gate/up weights (column i times g[i]) and the norms' weights become ones; the final norm is left."""
+    model, arch = load_model(llama_dir)
+    state = load_file(llama_dir / "model.safetensors")
+    assert model.model.norms_folded
+    for i, layer in enumerate(model.model.layers):
+        g_in = state[f"model.layers.{i}.input_layernorm.weight"]
+        g_post = state[f"model.layers.{i}.post_attention_layernorm.weight"]
+        assert not torch.equal(g_in, torch.ones_like(g_in))  # the fixture's norms are random
+        q = state[f"model.layers.{i}.self_attn.q_proj.weight"]
+        gate = state[f"model.layers.{i}.mlp.gate_proj.weight"]
+        attn = layer.self_attn
+        assert torch.equal(attn.qkv_proj.weight[: q.shape[0]], q * g_in)
+        assert torch.equal(layer.mlp.gate_up_proj.weight[: arch.intermediate_size], gate * g_post)
+        assert torch.equal(layer.input_layernorm.weight, torch.ones_like(g_in))
+        assert torch.equal(layer.post_attention_layernorm.weight, torch.ones_like(g_post))
+    assert torch.equal(model.model.norm.weight, state["model.norm.weight"])
+    assert model.fold_norms()  # a second call changes nothing
+    assert torch.equal(model.model.layers[-1].self_attn.qkv_proj.weight[: q.shape[0]], q * g_in)
+
+
+def test_norms_stay_where_a_bias_would_be_scaled(tmp_path: Path) -> None:
+    """qkv (Qwen2) or gate/up (llama3 here) biases: folding the norm would scale the bias with the row, so
+    those models keep their norms."""
+    for family in ("qwen2", "llama3"):
+        save_tiny_checkpoint(family, tmp_path / family)
+        model, _ = load_model(tmp_path / family)
+        state = load_file(tmp_path / family / "model.safetensors")
+        assert not model.model.norms_folded and not model.fold_norms()
+        g = state["model.layers.0.input_layernorm.weight"]
+        assert torch.equal(model.model.layers[0].input_layernorm.weight, g)
 
 
 def test_missing_tensor_is_named(llama_dir: Path, tmp_path: Path) -> None:
@@ -154,8 +188,9 @@ def test_dummy_weights_from_config_only(llama_dir: Path, tmp_path: Path) -> None
     assert 0.015 < float(w.float().std()) < 0.025 and torch.equal(
         w, again.model.layers[0].self_attn.qkv_proj.weight
     )
-    norm = model.model.layers[0].input_layernorm.weight.float()
+    norm = model.model.norm.weight.float()  # the layers' norm weights are folded into the products
     assert abs(float(norm.mean()) - 1.0) < 0.01 and float(norm.std()) > 0
+    assert model.model.norms_folded
 
 
 def test_dtype_resolution() -> None:

@@ -71,3 +71,20 @@ def test_bf16_cpu_close_to_transformers(family) -> None:
     model, _ = load_model(path, dtype="bfloat16")
     tokens, logits = PagedRunner(model, num_blocks=16, block_size=16).greedy(0, prompt, 16)
     check_greedy_close(copy.deepcopy(hf_model).to(torch.bfloat16), prompt, tokens, logits, name)
+
+
+def test_folded_norms_match_the_norms(family) -> None:
+    """The loader folds the layers' norm weights into the products (LlamaForCausalLM.fold_norms), and
+    the plain layers then run no norm kernel: the logits of a prefill and a decode step match the
+    unfolded model's (fp32). Families with a qkv or gate/up bias keep their norms."""
+    name, _, path = family
+    folded, cfg = load_model(path)
+    plain, _ = load_model(path, fold_norms=False)
+    assert folded.model.norms_folded == (not cfg.qkv_bias and not cfg.mlp_bias), name
+    assert not plain.model.norms_folded
+    prompts = [random_prompt(n, seed=50 + n) for n in (3, 21)]
+    runners = [PagedRunner(m, num_blocks=16, block_size=16) for m in (folded, plain)]
+    for step in (list(enumerate(prompts)), [(0, [5]), (1, [900])]):
+        got, want = (r.step(step) for r in runners)
+        err = rel_err(got, want)
+        assert err < FP32_REL_TOL, f"{name}: folded against unfolded norms, rel err {err:.2e}"

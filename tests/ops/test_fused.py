@@ -358,6 +358,105 @@ def test_rotary_embedding_kv_cache_bad_input(device):
         assert not torch.equal(q, q0), "q/k were rotated before the slots were checked (documented)"
 
 
+def _inv_rms64(rows: torch.Tensor, eps: float) -> torch.Tensor:
+    """float64 [num_tokens, 1] on the CPU: 1 / sqrt(mean(rows^2) + eps) per row."""
+    r = rows.cpu().double()
+    return torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROPE_SHAPES, ids=lambda s: "t{}-h{}-kv{}-d{}-r{}".format(*s))
+@pytest.mark.parametrize("norm", [False, True], ids=["rope", "qk-norm"])
+def test_rotary_embedding_with_folded_norm(device, dtype, shape, norm):
+    """rms_of: q, k and v are first scaled by each token's 1 / rms of rms_of (a folded input norm), in
+    place; then the op is what it is without rms_of on the scaled heads: rotation (after the q/k norm)
+    and the cache write of the rotated key and the scaled value."""
+    num_tokens, num_heads, num_kv_heads, head_dim, rotary_dim = shape
+    _, q, k, v = _qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, 9 + sum(shape))
+    v = v.view(num_tokens, num_kv_heads, head_dim)
+    hidden = 3 * head_dim + 1  # not a multiple of the vector width
+    rows = _randn(num_tokens, hidden, seed=sum(shape), dtype=dtype, device=device) * 3
+    eps = 1e-5
+    cos_sin = _cos_sin_cache(300, rotary_dim, dtype, device)
+    gen = torch.Generator().manual_seed(7 + sum(shape))
+    positions = torch.randint(0, 300, (num_tokens,), generator=gen).to(device)
+    slots = torch.randperm(9 * 16, generator=gen)[:num_tokens]
+    slots[1::3] = -1  # padding tokens: their v is still scaled in place, nothing is cached
+    slots = slots.to(device)
+    w = (_weight(head_dim, 3, dtype, device), _weight(head_dim, 4, dtype, device)) if norm else (None, None)
+    q0, k0, v0 = q.clone(), k.clone(), v.clone()
+    kc, vc = _paged_cache(num_kv_heads, head_dim, dtype, device)
+    ops.rotary_embedding(
+        positions, q, k, cos_sin, rotary_dim, *w, 1e-6,
+        value=v, key_cache=kc, value_cache=vc, slot_mapping=slots, rms_of=rows, rms_eps=eps,
+    )  # fmt: skip
+    inv = _inv_rms64(rows, eps)  # [num_tokens, 1]
+    _assert_close(v, v0.cpu().double() * inv[:, :, None], dtype, "value scaled in place")
+    for got, x0, nw, what in ((q, q0, w[0], "query"), (k, k0, w[1], "key")):
+        scaled = x0.cpu().double() * inv[:, :, None]
+        ref = rotary_embedding_ref(positions, scaled, cos_sin, rotary_dim, nw, 1e-6)
+        _assert_close(got, ref, dtype, what)
+    # The caches hold exactly the rotated key and the scaled value of the tokens with a slot.
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            block, offset = divmod(slot, 16)
+            assert torch.equal(kc[block, offset], k[t]) and torch.equal(vc[block, offset], v[t])
+    written = int((slots >= 0).sum()) * num_kv_heads * head_dim
+    assert int(kc.isfinite().sum()) == written and int(vc.isfinite().sum()) == written
+    # The same op on heads scaled by the PyTorch formula (float32 statistics, rounded to the dtype).
+    s32 = torch.rsqrt(rows.float().pow(2).mean(-1, keepdim=True) + eps)[:, :, None]
+    qs, ks = (q0.float() * s32).to(dtype), (k0.float() * s32).to(dtype)
+    ops.rotary_embedding(positions, qs, ks, cos_sin, rotary_dim, *w, 1e-6)
+    for got, want in ((q, qs), (k, ks), (v, (v0.float() * s32).to(dtype))):
+        if dtype == torch.float32:  # the statistics' sum order shows in the last bits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        else:  # and is rounded away almost everywhere
+            assert (got == want).float().mean() > 0.9
+
+
+def test_rotary_embedding_folded_norm_bad_input():
+    cos_sin = _cos_sin_cache(16, 16, torch.float32, "cpu")
+    qkv = _randn(3, 8 * 16, seed=1)
+    q, k = qkv[:, :64].view(3, 4, 16), qkv[:, 64:96].view(3, 2, 16)
+    v = qkv[:, 96:].view(3, 2, 16)
+    kc, vc = _paged_cache(2, 16, torch.float32, "cpu", num_blocks=2)
+    pos, slots = torch.arange(3), torch.tensor([0, 1, 2])
+    cache = dict(value=v, key_cache=kc, value_cache=vc, slot_mapping=slots)
+    rows = _randn(3, 32, seed=2)
+    cases = [
+        (
+            lambda: ops.rotary_embedding(pos, q, k, cos_sin, 16, rms_of=rows),
+            ValueError,
+            "needs the cache write",
+        ),
+        (
+            lambda: ops.rotary_embedding(pos, q, k, cos_sin, 16, rms_of=rows[:2], **cache),
+            ValueError,
+            r"rms_of must be \[num_tokens=3",
+        ),
+        (
+            lambda: ops.rotary_embedding(pos, q, k, cos_sin, 16, rms_of=rows.half(), **cache),
+            TypeError,
+            "rms_of has dtype float16",
+        ),
+        (
+            lambda: ops.rotary_embedding(pos, q, k, cos_sin, 16, rms_of=rows.t().contiguous().t(), **cache),
+            ValueError,
+            "rms_of must be contiguous",
+        ),
+        (
+            lambda: ops.rotary_embedding(pos, q, k, cos_sin, 16, rms_of=qkv[:, 100:], **cache),
+            ValueError,
+            "rms_of must not overlap",
+        ),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+    assert kc.isnan().all() and vc.isnan().all(), "a refused call writes nothing"
+
+
 @pytest.mark.cuda
 def test_rotary_embedding_kv_cache_position_out_of_range_on_cuda():
     """CUDA leaves a token with an out-of-range position unrotated; its key still goes to the cache as
@@ -471,6 +570,34 @@ def test_silu_and_mul_strided(device, offset):
     assert out_buf[:, :8].isnan().all(), "wrote outside out"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape", [(1, 8, 64), (7, 43, 97), (17, 3072, 1024), (3, 1, 5), (2, 14336, 4096)], ids=str
+)
+def test_silu_and_mul_with_folded_norm(device, dtype, shape):
+    """rms_of: each row of x is first scaled by 1 / rms of the same row of rms_of (a folded
+    post-attention norm) and rounded to the dtype, then silu(gate) * up."""
+    num_tokens, d, hidden = shape
+    x = _randn(num_tokens, 2 * d, seed=num_tokens + d, dtype=dtype, device=device) * 6
+    rows = _randn(num_tokens, hidden, seed=hidden, dtype=dtype, device=device) * 3
+    eps = 1e-5
+    got = ops.silu_and_mul(x, rms_of=rows, eps=eps)
+    ref = silu_and_mul_ref(x.cpu().double() * _inv_rms64(rows, eps))
+    _assert_close(got, ref, dtype, f"folded silu {shape}")
+    # The PyTorch formula on the scaled product (float32 statistics, rounded to the dtype), up to exp's
+    # last bit and the sum order of the statistics.
+    scaled = (x.float() * torch.rsqrt(rows.float().pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    want = F.silu(scaled[:, :d]) * scaled[:, d:]
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    else:
+        assert (got == want).float().mean() > 0.9
+    out = torch.full((num_tokens, d + 3), float("nan"), dtype=dtype, device=device)[:, 3:]
+    ops.silu_and_mul(x, out, rms_of=rows, eps=eps)  # a strided out: the same values
+    assert torch.equal(out, got)
+
+
 def test_silu_and_mul_bad_input():
     x = _randn(4, 16, seed=31)
     cases = [
@@ -484,6 +611,10 @@ def test_silu_and_mul_bad_input():
         ),
         (lambda: ops.silu_and_mul(x, out=torch.empty(4, 8).half()), TypeError, "out has dtype float16"),
         (lambda: ops.silu_and_mul(x.t().contiguous().t()), ValueError, "contiguous in its last dimension"),
+        (lambda: ops.silu_and_mul(x, rms_of=x[:3]), ValueError, r"rms_of must be \[num_tokens=4"),
+        (lambda: ops.silu_and_mul(x, rms_of=x.half()), TypeError, "rms_of has dtype float16"),
+        (lambda: ops.silu_and_mul(x, rms_of=x[:, :0]), ValueError, "hidden > 0"),
+        (lambda: ops.silu_and_mul(x, out=x[:, :8], rms_of=x), ValueError, "must not overlap out"),
     ]
     for call, exc, match in cases:
         with pytest.raises(exc, match=match):

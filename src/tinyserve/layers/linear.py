@@ -61,6 +61,17 @@ class Linear(nn.Module):
             unroll=self.skinny_unroll.get(x.shape[0], 2),
         )
 
+    def add_into(self, x: torch.Tensor, stream: torch.Tensor) -> None:
+        """`stream += self(x)` in place, in one kernel where it can: the skinny GEMM's residual
+        epilogue at its measured token counts, else cuBLAS accumulating into stream (addmm_, beta 1:
+        the sum is rounded once). x [num_tokens, input_size]; stream [num_tokens, output_size]."""
+        if x.shape[0] in self.skinny_rows and x.is_contiguous() and self.fused_supported(x):
+            self.fused(x, residual=stream)
+        elif self.bias is None:
+            stream.addmm_(x, self.weight.t())
+        else:
+            stream.add_(self(x))
+
     def fused_supported(self, x: torch.Tensor, silu_input: bool = False) -> bool:
         """Whether `fused(x, ...)` takes an input of x's shape, dtype, device and alignment."""
         return ops.skinny_linear_supported(x, self.weight, self.bias, silu_input)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -45,3 +47,14 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+@dataclass(frozen=True)
+class FoldedNorm:
+    """An RMSNorm whose weight was folded into the product after it (LlamaForCausalLM.fold_norms): the
+    un-normalised rows [num_tokens, hidden] it would have normalised, and its epsilon. The kernel
+    after the product scales each row of the product by 1 / rms of the matching row here (the ops'
+    rms_of), so the norm runs no kernel of its own."""
+
+    rows: torch.Tensor
+    eps: float

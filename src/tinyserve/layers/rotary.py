@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tinyserve import ops
-from tinyserve.layers.norm import RMSNorm
+from tinyserve.layers.norm import FoldedNorm, RMSNorm
 from tinyserve.models.config import RopeScaling
 
 
@@ -90,11 +90,14 @@ class RotaryEmbedding(nn.Module):
         q_norm: RMSNorm | None = None,
         k_norm: RMSNorm | None = None,
         kv_cache: KVCacheWrite | None = None,
+        folded_norm: FoldedNorm | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotates in place and returns (query, key). positions [num_tokens]; query [num_tokens,
         num_heads, head_dim] and key [num_tokens, num_kv_heads, head_dim] (views with a unit last stride,
         not overlapping). With q_norm and k_norm (Qwen3), each head is RMS-normalised first. With
-        `kv_cache`, the rotated key and the value are also written into the paged cache (same kernel)."""
+        `kv_cache`, the rotated key and the value are also written into the paged cache (same kernel).
+        With `folded_norm` (needs kv_cache), q, k and v come from a product with the input norm's
+        weight folded in, and are first scaled by each row's 1 / rms (ops.rotary_embedding's rms_of)."""
         if (q_norm is None) != (k_norm is None):
             raise ValueError("give both q_norm and k_norm, or neither")
         q_weight = k_weight = None
@@ -104,6 +107,8 @@ class RotaryEmbedding(nn.Module):
                 raise ValueError(f"q_norm and k_norm must share one eps, got {q_norm.eps} and {k_norm.eps}")
             q_weight, k_weight, eps = q_norm.weight, k_norm.weight, q_norm.eps
         cache = {} if kv_cache is None else kv_cache.kwargs()
+        if folded_norm is not None:
+            cache.update(rms_of=folded_norm.rows, rms_eps=folded_norm.eps)
         ops.rotary_embedding(
             positions, query, key, self.cos_sin_cache, self.rotary_dim, q_weight, k_weight, eps, **cache
         )
@@ -150,5 +155,6 @@ class BoundRope:
         q_norm: RMSNorm | None = None,
         k_norm: RMSNorm | None = None,
         kv_cache: KVCacheWrite | None = None,
+        folded_norm: FoldedNorm | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rotary(self.positions, query, key, q_norm, k_norm, kv_cache)
+        return self.rotary(self.positions, query, key, q_norm, k_norm, kv_cache, folded_norm)

@@ -19,7 +19,7 @@ from tinyserve.layers.activation import SiluAndMul
 from tinyserve.layers.attention import Attention, AttentionMetadata
 from tinyserve.layers.embedding import LMHead, VocabEmbedding
 from tinyserve.layers.linear import Linear, MergedLinear
-from tinyserve.layers.norm import RMSNorm
+from tinyserve.layers.norm import FoldedNorm, RMSNorm
 from tinyserve.layers.rotary import BoundRope, RotaryEmbedding
 
 from .config import ModelArchConfig
@@ -53,15 +53,18 @@ class LlamaAttention(nn.Module):
         """Whether fused_qkv takes `rows` token rows (sizes, dtype and device the op takes)."""
         return ops.fused_norm_linear_supported(rows, self.qkv_proj.input_size, dtype, device)
 
-    def attend(self, qkv: torch.Tensor, rope: BoundRope, md: AttentionMetadata) -> torch.Tensor:
+    def attend(
+        self, qkv: torch.Tensor, rope: BoundRope, md: AttentionMetadata, folded_norm: FoldedNorm | None = None
+    ) -> torch.Tensor:
         """The projected [q | k | v] [num_tokens, q_size + 2 * kv_size] -> attention output
-        [num_tokens, q_size], before o_proj."""
+        [num_tokens, q_size], before o_proj. folded_norm: qkv is the product of the un-normalised
+        rows with the input norm's weight folded in; the RoPE kernel scales q, k and v first."""
         q, k, v = self.qkv_proj.split(qkv)
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim], a view of qkv
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim], a view
         # In place on the views, one kernel that also writes this step's K/V into the paged cache;
         # Qwen3 (q_norm/k_norm set): RMSNorm per head, then RoPE.
-        rope(q, k, self.q_norm, self.k_norm, self.attn.cache_write(v, md))
+        rope(q, k, self.q_norm, self.k_norm, self.attn.cache_write(v, md), folded_norm)
         return self.attn(q, k, v, md, kv_written=True)  # [num_tokens, num_heads * head_dim]
 
 
@@ -150,6 +153,20 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(attn.o_proj(attn_out), residual)
         return self.mlp(hidden), residual
 
+    def forward_folded(self, stream: torch.Tensor, rope: BoundRope, md: AttentionMetadata) -> None:
+        """The layer with both norms' weights folded into the products after them
+        (LlamaForCausalLM.fold_norms), on the residual stream [num_tokens, hidden_size], updated in
+        place: qkv and gate/up multiply the un-normalised stream, the RoPE and SiLU-and-mul kernels
+        scale each row by its 1 / rms, and o and down add their output into the stream. No norm
+        kernel runs. Same values as forward() up to rounding (each product of a normalised row is
+        rounded once, after its scaling)."""
+        attn, mlp = self.self_attn, self.mlp
+        attn_out = attn.attend(attn.qkv_proj(stream), rope, md, FoldedNorm(stream, self.input_layernorm.eps))
+        attn.o_proj.add_into(attn_out, stream)
+        gate_up = mlp.gate_up_proj(stream)
+        act = mlp.act(gate_up, FoldedNorm(stream, self.post_attention_layernorm.eps))
+        mlp.down_proj.add_into(act, stream)
+
     def forward_fused(
         self,
         residual: torch.Tensor,
@@ -209,6 +226,9 @@ class LlamaModel(nn.Module):
         # Token counts whose decoder layers run the input norm and the qkv product as one op
         # (LlamaAttention.fused_qkv): set by the runner.
         self.qkv_rows: frozenset[int] = frozenset()
+        # The layers' norm weights live in the products after them (LlamaForCausalLM.fold_norms);
+        # the plain layer form then runs no norm kernel (LlamaDecoderLayer.forward_folded).
+        self.norms_folded = False
 
     def fused_supported(self, num_tokens: int) -> bool:
         """Whether the fused decoder layers take a step of num_tokens tokens (shapes, dtype, device)."""
@@ -258,6 +278,10 @@ class LlamaModel(nn.Module):
             for layer in self.layers:
                 # hidden is the residual stream, in place
                 layer.forward_fused(hidden, rope, md, mlp_ws, fused_qkv)
+            return self.norm.normalize(hidden)
+        if self.norms_folded and mlp_ws is None and not fused_qkv:
+            for layer in self.layers:
+                layer.forward_folded(hidden, rope, md)  # hidden is the residual stream, in place
             return self.norm.normalize(hidden)
         residual: torch.Tensor | None = None
         for layer in self.layers:
@@ -320,6 +344,35 @@ class LlamaForCausalLM(nn.Module):
             layer = self.model.layers[i]
             assert isinstance(layer, LlamaDecoderLayer)
             layer.self_attn.attn.bind_kv_cache(key_cache, value_cache)
+
+    # -- weights --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_norms(self) -> bool:
+        """Fold each layer's input and post-attention RMSNorm weights into the products after them
+        (qkv and gate/up: W[:, i] *= g[i], computed in float32 and rounded to the model's dtype) and
+        set the norms' weights to one. norm(x) @ W.T == (x @ (W * g).T) / rms(x) row by row, so the
+        plain layer form can skip the norm kernels (LlamaDecoderLayer.forward_folded); the other
+        forms still normalise, now with weights of one, and give the same values up to the rounding
+        of W * g. Models with a qkv or gate/up bias are left as they are (the bias must not be
+        scaled). Call once, after the weights are loaded; returns whether
+        the norms were folded."""
+        inner = self.model
+        if inner.norms_folded:
+            return True
+        layers = [layer for layer in inner.layers if isinstance(layer, LlamaDecoderLayer)]
+        biases = [(layer.self_attn.qkv_proj.bias, layer.mlp.gate_up_proj.bias) for layer in layers]
+        if any(b is not None for pair in biases for b in pair):
+            return False
+        for layer in layers:
+            for norm, linear in (
+                (layer.input_layernorm, layer.self_attn.qkv_proj),
+                (layer.post_attention_layernorm, layer.mlp.gate_up_proj),
+            ):
+                w = linear.weight
+                w.copy_((w.float() * norm.weight.float()).to(w.dtype))
+                norm.weight.fill_(1.0)
+        inner.norms_folded = True
+        return True
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(

@@ -46,6 +46,7 @@ def load_model(
     revision: str | None = None,
     seed: int = 0,
     show_progress: bool | None = None,
+    fold_norms: bool = True,
 ) -> tuple[LlamaForCausalLM, ModelArchConfig]:
     """Build the model described by `path`/config.json on `device` in `dtype` and fill its weights.
 
@@ -55,6 +56,8 @@ def load_model(
         bfloat16 on CPU), or "float32" / "bfloat16" / "float16" / a torch.dtype.
     load_format: "auto" (safetensors; pickle files only with allow_pickle), "safetensors", "pt"
         (pickle, needs allow_pickle=True), or "dummy" (random weights, needs only config.json).
+    fold_norms: fold the decoder layers' RMSNorm weights into the products after them
+        (LlamaForCausalLM.fold_norms), so the plain layers run no norm kernels.
     Returns (model in eval mode without gradients, its ModelArchConfig).
     """
     if load_format not in LOAD_FORMATS:
@@ -84,6 +87,8 @@ def load_model(
                 iterate_tensors(checkpoint),
                 progress_total=checkpoint.total_bytes if show_progress else None,
             )
+    if fold_norms:
+        model.fold_norms()
     return model, arch  # type: ignore[return-value]
 
 

@@ -73,6 +73,17 @@ def _check_weight(name: str, weight: object, x: torch.Tensor, x_name: str) -> to
     return weight
 
 
+def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory ranges that two strided views can touch overlap (a conservative check)."""
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) + 1 if t.numel() else 0
+        return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -139,10 +150,18 @@ def rotary_embedding(
     key_cache: torch.Tensor | None = None,
     value_cache: torch.Tensor | None = None,
     slot_mapping: torch.Tensor | None = None,
+    rms_of: torch.Tensor | None = None,
+    rms_eps: float = 1e-6,
 ) -> None:
     """In place: rotary position embedding in Hugging Face's half-split ("neox") layout, optionally
     after Qwen3's per-head RMSNorm of q and k (`q = rms_norm(q, q_norm_weight, eps)` per head), and
     optionally writing the KV cache as well.
+
+    With `rms_of`, query, key and value are the qkv product of the un-normalised rows h = rms_of, with
+    the input RMSNorm's weight folded into the product (LlamaForCausalLM.fold_norms): first, every
+    element of token t's q, k and v heads is multiplied by rsqrt(mean(h[t]^2) + rms_eps), in float32,
+    and rounded to the dtype, in place. That is the product of the normalised rows as it would have
+    been stored, so the norm needs no kernel of its own.
 
     Dims i and i + rotary_dim/2 (i < rotary_dim/2) of every head rotate by the angle of
     `cos_sin_cache[positions[t]]`; dims past rotary_dim pass through (partial rotary). Products are
@@ -166,6 +185,9 @@ def rotary_embedding(
             arguments and checks). On CUDA it is the same kernel (one launch instead of two); on
             the CPU a slot outside the cache raises ValueError after q and k were rotated, with
             the caches untouched.
+        rms_of: optional [num_tokens, hidden] of query's dtype and device, unit last stride; needs the
+            cache write (value is scaled too); must not overlap query, key or value.
+        rms_eps: the folded norm's epsilon (with rms_of).
     """
     _check_float("query", query)
     _check_like("key", key, query, "query", same_shape=False)
@@ -212,6 +234,20 @@ def rotary_embedding(
         assert value is not None and key_cache is not None
         assert value_cache is not None and slot_mapping is not None
         check_cache_write(key, value, key_cache, value_cache, slot_mapping)
+    if rms_of is not None:
+        _check_like("rms_of", rms_of, query, "query", same_shape=False)
+        if not writes_cache:
+            raise ValueError("rms_of needs the cache write (value, key_cache, value_cache, slot_mapping)")
+        if rms_of.dim() != 2 or rms_of.shape[0] != num_tokens or rms_of.shape[1] == 0:
+            raise ValueError(
+                f"rms_of must be [num_tokens={num_tokens}, hidden > 0], got shape {tuple(rms_of.shape)}"
+            )
+        if rms_of.stride(1) != 1:
+            raise ValueError(f"rms_of must be contiguous in its last dimension (strides {rms_of.stride()})")
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            assert t is not None
+            if _spans_overlap(rms_of, t):
+                raise ValueError(f"rms_of must not overlap {name} (it is scaled in place)")
     if num_tokens == 0:
         return
     _C.rotary_embedding(
@@ -224,17 +260,33 @@ def rotary_embedding(
         kw,
         float(eps),
         *(view(t) if t is not None else None for t in cache_args),
+        view(rms_of) if rms_of is not None else None,
+        float(rms_eps),
         stream_of(query),
     )
 
 
-def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def silu_and_mul(
+    x: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    rms_of: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """SwiGLU's gate on a fused [gate | up] projection: `silu(x[:, :d]) * x[:, d:]`, with silu's result
     rounded to x's dtype before the product (as `F.silu(gate) * up` in PyTorch).
+
+    With `rms_of`, x is the [gate | up] product of the un-normalised rows h = rms_of, with an RMSNorm's
+    weight folded into the product (LlamaForCausalLM.fold_norms): every element of row t is first
+    multiplied by rsqrt(mean(h[t]^2) + eps), in float32, and rounded to x's dtype. That is the product
+    of the normalised rows as it would have been stored, so the norm needs no kernel of its own.
 
     Args:
         x: [num_tokens, 2 * d]; any row stride with a unit last stride; float32, float16 or bfloat16.
         out: optional [num_tokens, d] of x's dtype and device, unit last stride.
+        rms_of: optional [num_tokens, hidden] of x's dtype and device, unit last stride; must not
+            overlap out.
+        eps: the folded norm's epsilon (with rms_of).
 
     Returns:
         `out` (a new contiguous tensor when not given): [num_tokens, d].
@@ -253,8 +305,19 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
             raise ValueError(f"out must be [num_tokens={num_tokens}, d={d}], got shape {tuple(out.shape)}")
         if out.stride(1) != 1:
             raise ValueError(f"out must be contiguous in its last dimension (strides {out.stride()})")
+    if rms_of is not None:
+        _check_like("rms_of", rms_of, x, "x", same_shape=False)
+        if rms_of.dim() != 2 or rms_of.shape[0] != num_tokens or rms_of.shape[1] == 0:
+            raise ValueError(
+                f"rms_of must be [num_tokens={num_tokens}, hidden > 0], got shape {tuple(rms_of.shape)}"
+            )
+        if rms_of.stride(1) != 1:
+            raise ValueError(f"rms_of must be contiguous in its last dimension (strides {rms_of.stride()})")
+        if _spans_overlap(rms_of, out):
+            raise ValueError("rms_of must not overlap out (out is written while rms_of is read)")
     if out.numel():
-        _C.silu_and_mul(view(x), view(out), stream_of(x))
+        rows = view(rms_of) if rms_of is not None else None
+        _C.silu_and_mul(view(x), view(out), rows, float(eps), stream_of(x))
     return out
 
 
