@@ -425,8 +425,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("eps"), py::arg("value"), py::arg("key_cache"), py::arg("value_cache"), py::arg("slot_mapping"),
         py::arg("rms_of"), py::arg("rms_eps"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("silu_and_mul", &silu_and_mul, py::arg("x"), py::arg("out"), py::arg("rms_of"), py::arg("eps"),
-        py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("sample_from_logits", &sample_from_logits, py::arg("logits"), py::arg("temperature"), py::arg("keys"),
         py::arg("counters"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());

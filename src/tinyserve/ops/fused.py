@@ -183,8 +183,8 @@ def rotary_embedding(
             `value` also go into the paged caches, exactly as `reshape_and_cache(key, value,
             key_cache, value_cache, slot_mapping)` after the rotation would write them (same
             arguments and checks). On CUDA it is the same kernel (one launch instead of two); on
-            the CPU a slot outside the cache raises ValueError after q and k were rotated, with
-            the caches untouched.
+            the CPU a slot outside the cache raises ValueError after q and k were rotated (and with
+            rms_of, q, k and v scaled), with the caches untouched.
         rms_of: optional [num_tokens, hidden] of query's dtype and device, unit last stride; needs the
             cache write (value is scaled too); must not overlap query, key or value.
         rms_eps: the folded norm's epsilon (with rms_of).
