@@ -151,16 +151,12 @@ void silu_and_mul_impl(const SiluAndMulArgs& a) {
     const T* gate = a.x.ptr<const T>() + t * a.x.stride(0);
     const T* up = gate + d;
     T* out = a.out.ptr<T>() + t * a.out.stride(0);
-    if (a.rms_of.data == nullptr) {
-      for (int64_t j = 0; j < d; ++j) {
-        const float g = to_float(gate[j]);
-        out[j] = from_float<T>(silu_rounded<T>(g) * to_float(up[j]));
-      }
-      continue;
+    // A folded norm scales the row first (inv = 1 without one: x * 1 rounded to T is x itself).
+    float inv = 1.f;
+    if (a.rms_of.data) {
+      const int64_t hidden = a.rms_of.size(1);
+      inv = inv_rms(sum_of_squares(a.rms_of.ptr<const T>() + t * a.rms_of.stride(0), hidden), hidden, a.eps);
     }
-    const T* h = a.rms_of.ptr<const T>() + t * a.rms_of.stride(0);
-    const int64_t hidden = a.rms_of.size(1);
-    const float inv = inv_rms(sum_of_squares(h, hidden), hidden, a.eps);
     for (int64_t j = 0; j < d; ++j) {
       const float g = round_to<T>(to_float(gate[j]) * inv), u = round_to<T>(to_float(up[j]) * inv);
       out[j] = from_float<T>(silu_rounded<T>(g) * u);

@@ -81,6 +81,12 @@ def check_contiguous(name: str, t: torch.Tensor) -> None:
 
 
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the memory of two contiguous tensors overlaps."""
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+    """Whether the memory ranges two tensors can touch overlap: exact for contiguous tensors, a
+    conservative check for strided views (the span from the first to the last element)."""
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1 if t.numel() else 0
+        return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1

@@ -73,15 +73,17 @@ def _check_weight(name: str, weight: object, x: torch.Tensor, x_name: str) -> to
     return weight
 
 
-def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the memory ranges that two strided views can touch overlap (a conservative check)."""
-
-    def span(t: torch.Tensor) -> tuple[int, int]:
-        extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) + 1 if t.numel() else 0
-        return t.data_ptr(), t.data_ptr() + extent * t.element_size()
-
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
+def _check_rms_of(rms_of: object, ref: torch.Tensor, ref_name: str, num_tokens: int) -> torch.Tensor:
+    """A folded norm's rows (the ops' rms_of): [num_tokens, hidden > 0] of ref's dtype and device, unit
+    last stride."""
+    rms_of = _check_like("rms_of", rms_of, ref, ref_name, same_shape=False)
+    if rms_of.dim() != 2 or rms_of.shape[0] != num_tokens or rms_of.shape[1] == 0:
+        raise ValueError(
+            f"rms_of must be [num_tokens={num_tokens}, hidden > 0], got shape {tuple(rms_of.shape)}"
+        )
+    if rms_of.stride(1) != 1:
+        raise ValueError(f"rms_of must be contiguous in its last dimension (strides {rms_of.stride()})")
+    return rms_of
 
 
 def rms_norm(
@@ -235,18 +237,12 @@ def rotary_embedding(
         assert value_cache is not None and slot_mapping is not None
         check_cache_write(key, value, key_cache, value_cache, slot_mapping)
     if rms_of is not None:
-        _check_like("rms_of", rms_of, query, "query", same_shape=False)
+        _check_rms_of(rms_of, query, "query", num_tokens)
         if not writes_cache:
             raise ValueError("rms_of needs the cache write (value, key_cache, value_cache, slot_mapping)")
-        if rms_of.dim() != 2 or rms_of.shape[0] != num_tokens or rms_of.shape[1] == 0:
-            raise ValueError(
-                f"rms_of must be [num_tokens={num_tokens}, hidden > 0], got shape {tuple(rms_of.shape)}"
-            )
-        if rms_of.stride(1) != 1:
-            raise ValueError(f"rms_of must be contiguous in its last dimension (strides {rms_of.stride()})")
         for name, t in (("query", query), ("key", key), ("value", value)):
             assert t is not None
-            if _spans_overlap(rms_of, t):
+            if overlaps(rms_of, t):
                 raise ValueError(f"rms_of must not overlap {name} (it is scaled in place)")
     if num_tokens == 0:
         return
@@ -306,14 +302,8 @@ def silu_and_mul(
         if out.stride(1) != 1:
             raise ValueError(f"out must be contiguous in its last dimension (strides {out.stride()})")
     if rms_of is not None:
-        _check_like("rms_of", rms_of, x, "x", same_shape=False)
-        if rms_of.dim() != 2 or rms_of.shape[0] != num_tokens or rms_of.shape[1] == 0:
-            raise ValueError(
-                f"rms_of must be [num_tokens={num_tokens}, hidden > 0], got shape {tuple(rms_of.shape)}"
-            )
-        if rms_of.stride(1) != 1:
-            raise ValueError(f"rms_of must be contiguous in its last dimension (strides {rms_of.stride()})")
-        if _spans_overlap(rms_of, out):
+        _check_rms_of(rms_of, x, "x", num_tokens)
+        if overlaps(rms_of, out):
             raise ValueError("rms_of must not overlap out (out is written while rms_of is read)")
     if out.numel():
         rows = view(rms_of) if rms_of is not None else None
